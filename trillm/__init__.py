@@ -1,1 +1,16 @@
-"""trillm: one readable inference engine for LLaMA, BitNet b1.58 and gpt-oss."""
+"""trillm: one readable inference engine for LLaMA, BitNet b1.58 and gpt-oss.
+
+    import trillm
+    model = trillm.load("path/to/model-folder-or.gguf")   # or a Hugging Face repo id, or None
+    print(model.generate([{"role": "user", "content": "Hi!"}]))
+"""
+
+import os
+
+# Idle OpenMP threads spin by default; on a shared or small machine that steals the cores doing real
+# work. Set before torch (and our kernels) start their thread pools.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from trillm.model import Model, load  # noqa: E402
+
+__all__ = ["Model", "load"]

@@ -1,0 +1,96 @@
+"""A Hugging Face model folder: config.json, a single or sharded safetensors checkpoint, tokenizer files.
+
+Tensors are memory-mapped by `safetensors` and returned as stored (dtype and shape untouched).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from trillm.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def find_tensor_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+        return files
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
+        hint = f" (found {', '.join(pickles)}: trillm never unpickles; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{folder}: no *.safetensors checkpoint{hint}")
+    files = {}
+    for shard in shards:
+        for name in open_safetensors(shard).keys():
+            files[name] = shard
+    return files
+
+
+def open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # SafetensorError carries the reason (e.g. a truncated file)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def check_shape(path: Path, name: str, stored: tuple[int, ...], expected: tuple[int, ...] | None):
+    if expected is not None and tuple(stored) != tuple(expected):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {list(stored)}, expected {list(expected)} from the model config"
+        )
+
+
+class HFCheckpoint:
+    """Tensors of a model folder, read lazily through memory maps."""
+
+    kind = "safetensors"
+
+    def __init__(self, folder: Path, config: dict):
+        self.path = folder
+        self.config = config
+        self.tensor_files = find_tensor_files(folder)
+        self._open_files = {}
+
+    @property
+    def architecture(self) -> str:
+        architectures = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return architectures[0]
+
+    def names(self) -> list[str]:
+        return list(self.tensor_files)
+
+    def file_of(self, name: str) -> Path:
+        if name not in self.tensor_files:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        return self.tensor_files[name]
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The stored tensor; with `shape`, a mismatch is an error naming file, tensor and both shapes."""
+        path = self.file_of(name)
+        if path not in self._open_files:
+            self._open_files[path] = open_safetensors(path)
+        try:
+            tensor = self._open_files[path].get_tensor(name)
+        except Exception as error:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({error})") from None
+        check_shape(path, name, tuple(tensor.shape), shape)
+        return tensor
+
+    def generation_config(self) -> dict:
+        path = self.path / "generation_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def tokenizer(self):
+        from trillm.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path)

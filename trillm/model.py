@@ -1,0 +1,83 @@
+"""A loaded model: the network of its family, its tokenizer, and generation with its own stop tokens."""
+
+from collections.abc import Iterator
+
+import torch
+
+from trillm.chat import render_chat
+from trillm.checkpoint import open_checkpoint
+from trillm.engine import Sampling, Session, generate_ids, stream_text
+from trillm.errors import CheckpointError, TrillmError
+from trillm.models.llama import load_llama
+
+# Architecture names (config.json `architectures`, or GGUF `general.architecture`) -> family loader.
+FAMILIES = {
+    "LlamaForCausalLM": load_llama,
+    "llama": load_llama,
+}
+
+
+class Model:
+    def __init__(self, network, tokenizer, source: str, generation_config: dict, ctx_size: int | None = None):
+        self.network = network
+        self.tokenizer = tokenizer
+        self.source = source
+        self.max_context = min(ctx_size or network.config.max_position_embeddings,
+                               network.config.max_position_embeddings)
+        eos = generation_config.get("eos_token_id")
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None:
+            self.stop_ids |= tokenizer.stop_ids
+
+    @property
+    def config(self):
+        return self.network.config
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of a full forward pass, no cache."""
+        return self.network(input_ids)
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise TrillmError(f"{self.source}: this model has no tokenizer files; only forward() on token ids works")
+        return self.tokenizer
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+        tokenizer = self.require_tokenizer()
+        if not tokenizer.chat_template:
+            raise TrillmError(f"{self.source}: the model has no chat template; use --raw for plain continuation")
+        text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, sampling: Sampling | None = None,
+                     session: Session | None = None) -> Iterator[int]:
+        return generate_ids(self.network, prompt_ids, max_new_tokens, sampling or Sampling(), self.stop_ids,
+                            self.max_context, session)
+
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
+               stop: list[str] = (), session: Session | None = None) -> Iterator[str]:
+        """Yield the reply as text pieces. A str prompt is continued as is; a message list goes through
+        the chat template."""
+        tokenizer = self.require_tokenizer()
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else self.chat_prompt(prompt)
+        return stream_text(tokenizer, self.generate_ids(prompt_ids, max_new_tokens, sampling, session), stop)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
+                 stop: list[str] = ()) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, sampling, stop))
+
+
+def load(source=None, ctx_size: int | None = None) -> Model:
+    """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model."""
+    checkpoint = open_checkpoint(source)
+    family = FAMILIES.get(checkpoint.architecture)
+    if family is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: unsupported architecture {checkpoint.architecture!r} "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
+    network = family(checkpoint)
+    return Model(network, checkpoint.tokenizer(), str(checkpoint.path), checkpoint.generation_config(), ctx_size)

@@ -1,0 +1,257 @@
+"""LLaMA 2 and LLaMA 3 (Touvron et al., 2023; Grattafiori et al., 2024) and their derivatives (SmolLM2...).
+
+A pre-norm decoder: RMSNorm, grouped-query attention with rotary positions, RMSNorm, SwiGLU MLP.
+Reads Hugging Face folders (`LlamaForCausalLM`) and GGUF files (`general.architecture = llama`);
+the checkpoint-name maps for both are at the bottom of this file. Linear layers come from the weights
+factory, which multiplies straight from the stored format (dense, or GGML blocks).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from trillm.errors import CheckpointError
+from trillm.models.layers import KVCache, RMSNorm, apply_rope, causal_attention, rope_cos_sin, rope_inverse_frequencies
+from trillm.weights import concat_rows, make_embedding, make_linear
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "LlamaConfig":
+        # transformers 5 moves rope_theta/rope_scaling into `rope_parameters`; older configs have both.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict, tensor_names: list[str]) -> "LlamaConfig":
+        arch = metadata["general.architecture"]
+        key = lambda name, default=None: metadata.get(f"{arch}.{name}", default)  # noqa: E731
+        heads = key("attention.head_count")
+        hidden = key("embedding_length")
+        vocab = key("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=key("feed_forward_length"),
+            num_layers=key("block_count"),
+            num_heads=heads,
+            num_kv_heads=key("attention.head_count_kv") or heads,
+            head_dim=key("attention.key_length") or hidden // heads,
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=key("rope.freq_base", 10000.0),
+            rope_scaling=None,  # llama3 scaling arrives as the `rope_freqs.weight` tensor instead
+            max_position_embeddings=key("context_length", 4096),
+            tie_word_embeddings="output.weight" not in tensor_names,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, qkv_weight, output_weight):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv = make_linear(qkv_weight)  # q, k and v projections fused into one matrix
+        self.output = make_linear(output_weight)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
+        # q and k rotate together: one RoPE call over their heads.
+        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
+        q = qk[:, :, :heads].transpose(1, 2)  # (B, heads, T, head_dim)
+        k = qk[:, :, heads:].transpose(1, 2)  # (B, kv_heads, T, head_dim)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+        out = causal_attention(q, k, v, start)
+        return self.output(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)), gate and up fused into one matrix."""
+
+    def __init__(self, gate_up_weight, down_weight):
+        super().__init__()
+        self.gate_up = make_linear(gate_up_weight)
+        self.down = make_linear(down_weight)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: dict):
+        super().__init__()
+        self.attention_norm = RMSNorm(weights["attention_norm"], config.rms_norm_eps)
+        self.attention = Attention(config, weights["qkv"], weights["output"])
+        self.ffn_norm = RMSNorm(weights["ffn_norm"], config.rms_norm_eps)
+        self.ffn = FeedForward(weights["gate_up"], weights["down"])
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, embedding, blocks: list[Block], norm, head, inv_freq):
+        super().__init__()
+        self.config = config
+        self.embedding = embedding
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.head = head
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length)
+
+    def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept."""
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + input_ids.shape[1]))
+        x = self.embedding(input_ids)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+
+# ---- Loading: checkpoint names, expected shapes, fusion of q/k/v and gate/up --------------------------
+
+def hf_layer_names(i: int) -> dict:
+    prefix = f"model.layers.{i}"
+    return {
+        "attention_norm": f"{prefix}.input_layernorm.weight",
+        "q": f"{prefix}.self_attn.q_proj.weight",
+        "k": f"{prefix}.self_attn.k_proj.weight",
+        "v": f"{prefix}.self_attn.v_proj.weight",
+        "output": f"{prefix}.self_attn.o_proj.weight",
+        "ffn_norm": f"{prefix}.post_attention_layernorm.weight",
+        "gate": f"{prefix}.mlp.gate_proj.weight",
+        "up": f"{prefix}.mlp.up_proj.weight",
+        "down": f"{prefix}.mlp.down_proj.weight",
+    }
+
+
+HF_NAMES = {"embedding": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
+
+
+def gguf_layer_names(i: int) -> dict:
+    prefix = f"blk.{i}"
+    return {
+        "attention_norm": f"{prefix}.attn_norm.weight",
+        "q": f"{prefix}.attn_q.weight",
+        "k": f"{prefix}.attn_k.weight",
+        "v": f"{prefix}.attn_v.weight",
+        "output": f"{prefix}.attn_output.weight",
+        "ffn_norm": f"{prefix}.ffn_norm.weight",
+        "gate": f"{prefix}.ffn_gate.weight",
+        "up": f"{prefix}.ffn_up.weight",
+        "down": f"{prefix}.ffn_down.weight",
+    }
+
+
+GGUF_NAMES = {"embedding": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight"}
+
+
+def expected_layer_shapes(c: LlamaConfig) -> dict:
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        "attention_norm": (c.hidden_size,),
+        "q": (q_rows, c.hidden_size),
+        "k": (kv_rows, c.hidden_size),
+        "v": (kv_rows, c.hidden_size),
+        "output": (c.hidden_size, q_rows),
+        "ffn_norm": (c.hidden_size,),
+        "gate": (c.intermediate_size, c.hidden_size),
+        "up": (c.intermediate_size, c.hidden_size),
+        "down": (c.hidden_size, c.intermediate_size),
+    }
+
+
+def unpermute_rope_rows(weight, num_heads: int):
+    """GGUF stores q/k rows in Meta's interleaved-pair order; put them back in Hugging Face's halves order."""
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    within_head = torch.arange(head_dim).view(head_dim // 2, 2).t().reshape(-1)
+    order = (torch.arange(num_heads)[:, None] * head_dim + within_head).reshape(-1)
+    if isinstance(weight, torch.Tensor):
+        return weight[order]
+    return type(weight)(weight.type, weight.data[order], weight.shape)
+
+
+def load_llama(checkpoint) -> Llama:
+    """Build the model from an HF folder or a GGUF file, checking every tensor's shape."""
+    if checkpoint.kind == "gguf":
+        config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+        names, layer_names = GGUF_NAMES, gguf_layer_names
+    else:
+        check_supported(checkpoint.config)
+        config = LlamaConfig.from_hf(checkpoint.config)
+        names, layer_names = HF_NAMES, hf_layer_names
+    shapes = expected_layer_shapes(config)
+    vocab_shape = (config.vocab_size, config.hidden_size)
+
+    embedding_weight = checkpoint.get(names["embedding"], vocab_shape)
+    embedding = make_embedding(embedding_weight)
+    tied = config.tie_word_embeddings or names["head"] not in checkpoint.names()
+    head = make_linear(embedding_weight if tied else checkpoint.get(names["head"], vocab_shape))
+    norm = RMSNorm(checkpoint.get(names["norm"], (config.hidden_size,)), config.rms_norm_eps)
+
+    blocks = []
+    for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
+        stored = {key: checkpoint.get(name, shapes[key]) for key, name in layer_names(i).items()}
+        if checkpoint.kind == "gguf":
+            stored["q"] = unpermute_rope_rows(stored["q"], config.num_heads)
+            stored["k"] = unpermute_rope_rows(stored["k"], config.num_kv_heads)
+        stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
+        stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
+        blocks.append(Block(config, stored))
+
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
+        # llama.cpp stores Llama 3.1's frequency scaling as per-pair divisors.
+        inv_freq = inv_freq / checkpoint.get("rope_freqs.weight", (config.head_dim // 2,)).float()
+    return Llama(config, embedding, blocks, norm, head, inv_freq)
+
+
+def check_supported(config: dict):
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported activation {config['hidden_act']!r} (LLaMA uses silu)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError("LLaMA variants with attention/MLP biases are not supported")
