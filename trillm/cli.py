@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="measured runs (medians are reported)")
     bench.add_argument("--compare", action="append", default=[], choices=["transformers", "llama.cpp"],
                        help="measure a reference on the same file in the same run")
+    bench.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(run=command_bench)
     return parser

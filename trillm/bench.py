@@ -1,0 +1,264 @@
+"""`trillm bench`: prefill and decode tokens/s, peak memory and bandwidth, beside references on the same file.
+
+Each engine runs in its own worker process (so its peak resident memory is its own) and loads the model
+once; the parent then asks the workers for one measured run each in turn, so a slow spell of a shared
+machine hits every engine alike. One warm-up run each, then medians of the repetitions.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from trillm.errors import TrillmError
+
+ENGINES = ("trillm", "transformers", "llama.cpp")
+
+
+# ---- Worker side: one engine, one model, one run per request ----------------------------------------
+
+def random_prompt(vocab_size: int, length: int) -> list[int]:
+    import torch
+
+    # Like llama-bench: random ids, so no engine gets an easy prompt; fixed seed, so all get the same one.
+    return torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+class TrillmRunner:
+    def __init__(self, model_source: str, dtype: str):
+        import torch
+
+        import trillm
+
+        self.torch = torch
+        self.model = trillm.load(model_source)
+        self.vocab_size = self.model.config.vocab_size
+        self.weight_bytes = weights_read_per_token(self.model.network)
+
+    def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
+        torch, network = self.torch, self.model.network
+        with torch.inference_mode():
+            cache = network.new_cache(1, len(prompt) + n_gen + 1)
+            start = time.perf_counter()
+            token = int(network(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1].argmax())
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            for position in range(len(prompt), len(prompt) + n_gen):
+                token = int(network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1].argmax())
+            decode = time.perf_counter() - start
+        return prefill, decode
+
+
+class TransformersRunner:
+    def __init__(self, model_source: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from trillm.checkpoint import resolve_source
+
+        self.torch = torch
+        path = resolve_source(model_source)
+        options = {"gguf_file": path.name} if path.is_file() else {}
+        folder = path.parent if path.is_file() else path
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **options).eval()
+        self.vocab_size = self.model.config.vocab_size
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
+        torch, model = self.torch, self.model
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - start
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+            start = time.perf_counter()
+            for _ in range(n_gen):
+                out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[0, -1].argmax()
+            decode = time.perf_counter() - start
+        return prefill, decode
+
+
+class LlamaCppRunner:
+    def __init__(self, model_source: str, dtype: str):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise TrillmError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
+        import numpy
+
+        from trillm.checkpoint import resolve_source
+
+        path = resolve_source(model_source)
+        if not path.is_file():
+            raise TrillmError("--compare llama.cpp needs a GGUF file as the model")
+        self.numpy = numpy
+        threads = int(os.environ["TRILLM_BENCH_THREADS"])
+        self.model = Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                           logits_all=False, verbose=False)
+        self.vocab_size = self.model.n_vocab()
+        self.weight_bytes = path.stat().st_size
+
+    def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
+        model, numpy = self.model, self.numpy
+        model.reset()
+        start = time.perf_counter()
+        model.eval(prompt)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(n_gen):
+            model.eval([int(numpy.argmax(model.scores[model.n_tokens - 1]))])
+        decode = time.perf_counter() - start
+        return prefill, decode
+
+
+RUNNERS = {"trillm": TrillmRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
+
+
+def weights_read_per_token(network) -> int:
+    """Bytes of stored weights a decode step reads: every linear layer once, plus one embedding row."""
+    total = 0
+    for module in network.modules():
+        if hasattr(module, "stored_bytes") and hasattr(module, "out_features"):
+            total += module.stored_bytes
+    return total
+
+
+def worker_main(engine: str, model_source: str, dtype: str, n_prompt: int, n_gen: int):
+    """Load, report ready, then answer each `run` line with one measured run as JSON."""
+    import torch
+
+    threads = int(os.environ["TRILLM_BENCH_THREADS"])
+    torch.set_num_threads(threads)
+    if engine == "trillm":
+        from trillm.weights.native import set_num_threads
+
+        set_num_threads(threads)
+    try:
+        runner = RUNNERS[engine](model_source, dtype)
+    except Exception as error:  # reported by the parent as one line
+        print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
+        return
+    prompt = random_prompt(runner.vocab_size, n_prompt)
+    print(json.dumps({"ready": True, "weight_bytes": runner.weight_bytes}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        prefill, decode = runner.run(prompt, n_gen)
+        print(json.dumps({"prefill_s": prefill, "decode_s": decode}), flush=True)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports kilobytes
+    print(json.dumps({"peak_rss_bytes": peak_kb * 1024}), flush=True)
+
+
+# ---- Parent side ------------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, engine: str, args, threads: int):
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads), TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
+                   str(args.n_prompt), str(args.n_gen)]
+        self.engine = engine
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        self.weight_bytes = self.receive()["weight_bytes"]
+        self.runs = []
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            raise TrillmError(f"the {self.engine} benchmark worker failed (exit code {self.process.returncode})")
+        message = json.loads(line)
+        if "error" in message:
+            raise TrillmError(message["error"])
+        return message
+
+    def run(self) -> dict:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def finish(self) -> int:
+        self.process.stdin.close()
+        peak = self.receive()["peak_rss_bytes"]
+        self.process.wait()
+        return peak
+
+
+def measure_memory_bandwidth(threads: int) -> float:
+    """Bytes/s that summing a 1 GiB buffer reaches with this many threads (best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buffer = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best
+
+
+def run_bench(args):
+    threads = args.threads or os.cpu_count()
+    for name in ("n_prompt", "n_gen", "repetitions"):
+        if getattr(args, name) < 1:
+            raise TrillmError(f"invalid --{name.replace('_', '-')}: must be >= 1")
+    from trillm.checkpoint import open_checkpoint
+
+    open_checkpoint(args.model)  # a bad source fails here, in one line, before any worker starts
+    engines = ["trillm"] + [engine for engine in args.compare if engine != "trillm"]
+    workers = [Worker(engine, args, threads) for engine in engines]
+    for worker in workers:  # warm-up: caches, thread pools, lazy initialisation
+        worker.run()
+    for _ in range(args.repetitions):
+        for worker in workers:
+            worker.runs.append(worker.run())
+    bandwidth = measure_memory_bandwidth(threads)
+    results = {}
+    for worker in workers:
+        prefill = statistics.median(run["prefill_s"] for run in worker.runs)
+        decode = statistics.median(run["decode_s"] for run in worker.runs)
+        results[worker.engine] = {
+            "prefill_tokens_per_s": args.n_prompt / prefill,
+            "decode_tokens_per_s": args.n_gen / decode,
+            "peak_rss_mb": worker.finish() / 2**20,
+            "weights_mb_per_token": worker.weight_bytes / 2**20,
+            "implied_gb_per_s": worker.weight_bytes * args.n_gen / decode / 1e9,
+        }
+    report = {"model": args.model or "default (SmolLM2-135M-Instruct Q4_1)", "threads": threads,
+              "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
+              "machine_bandwidth_gb_per_s": bandwidth / 1e9, "engines": results}
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"model: {report['model']}",
+        f"threads: {report['threads']}  prompt: {report['n_prompt']} tokens  generate: {report['n_gen']} tokens  "
+        f"medians of {report['repetitions']} runs after a warm-up",
+        "",
+        f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"
+        f"{'weights MB/token':>18}{'implied GB/s':>14}",
+    ]
+    engines = report["engines"]
+    for engine, r in engines.items():
+        lines.append(f"{engine:<14}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}"
+                     f"{r['peak_rss_mb']:>13.0f}{r['weights_mb_per_token']:>18.1f}{r['implied_gb_per_s']:>14.2f}")
+    ours = engines["trillm"]
+    for engine, r in engines.items():
+        if engine != "trillm":
+            lines.append(f"trillm vs {engine}: prefill {ours['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x, "
+                         f"decode {ours['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x")
+    share = ours["implied_gb_per_s"] / report["machine_bandwidth_gb_per_s"]
+    lines.append(f"machine memory bandwidth ({report['threads']} threads, measured): "
+                 f"{report['machine_bandwidth_gb_per_s']:.1f} GB/s; trillm decode reads weights at {share:.0%} of it")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    engine, model_source, dtype, n_prompt, n_gen = sys.argv[1:6]
+    worker_main(engine, model_source or None, dtype, int(n_prompt), int(n_gen))
