@@ -15,7 +15,7 @@ CONFIGS = {
                         tie_word_embeddings=False), torch.float32),
     "gqa3-odd-heads-head_dim-10-tied": (dict(hidden_size=90, num_attention_heads=9, num_key_value_heads=3,
                                              intermediate_size=130, tie_word_embeddings=True), torch.float32),
-    "gqa3-head_dim-24-llama3-rope": (dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=1, head_dim=24,
+    "gqa4-head_dim-24-llama3-rope": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
                                           intermediate_size=80, rope_parameters=LLAMA3_ROPE, max_position_embeddings=256,
                                           tie_word_embeddings=False), torch.float32),
     "bf16-checkpoint": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -25,8 +25,8 @@ CONFIGS = {
 
 def save_random_llama(folder, overrides: dict, dtype=torch.float32, seed=0, **save_options):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=101, num_hidden_layers=2, rms_norm_eps=1e-5, max_position_embeddings=128,
-                         **overrides)
+    config = LlamaConfig(**{"vocab_size": 101, "num_hidden_layers": 2, "rms_norm_eps": 1e-5,
+                            "max_position_embeddings": 128, **overrides})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # the default init leaves norms at 1; random norms test that we read them
         for name, parameter in model.named_parameters():

@@ -1,0 +1,184 @@
+/* Vector primitives and the row-kernel interface shared by dense.c, ggml.c and matmul.c.
+ *
+ * The kernels are written once against the few operations below; compiled with -march=native, gcc
+ * picks the widest set the machine has: AVX-512 (16 floats a vector), AVX2 with FMA and F16C (8), or
+ * plain C (1). Decoders follow the block layouts of llama.cpp's ggml-quants.c.
+ */
+#ifndef TRILLM_KERNELS_H
+#define TRILLM_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Tokens one pass over the weights serves; longer inputs are taken in passes of this many. */
+#define MAX_TOKENS 8
+
+/* ggml_type numbers, as GGUF files store them. */
+enum {
+    TYPE_F32 = 0, TYPE_F16 = 1, TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q5_0 = 6, TYPE_Q5_1 = 7, TYPE_Q8_0 = 8,
+    TYPE_Q4_K = 12, TYPE_Q5_K = 13, TYPE_Q6_K = 14, TYPE_BF16 = 30,
+};
+
+/* One pass of y = x W^T over at most MAX_TOKENS tokens: y[t * y_stride + r] = sum_c W[r, c] x[t * cols + c]. */
+struct matmul_job {
+    const uint8_t *w;  /* row r starts at w + r * row_bytes */
+    int64_t row_bytes, cols;
+    const float *x;    /* (tokens, cols) */
+    int tokens;
+    float *y;
+    int64_t y_stride;
+};
+
+/* Rows r0..r1 of a matmul job. */
+typedef void matmul_rows_fn(const struct matmul_job *job, int64_t r0, int64_t r1);
+/* One stored row decoded to cols floats. */
+typedef void decode_row_fn(const uint8_t *row, int64_t cols, float *restrict out);
+
+struct row_kernels {
+    matmul_rows_fn *matmul_rows;
+    decode_row_fn *decode_row;
+};
+
+/* Fill k for this type and return 1, or return 0 if the file does not handle the type. */
+int dense_kernels(int type, struct row_kernels *k);
+int ggml_kernels(int type, struct row_kernels *k);
+
+/* ---- Scalars ----------------------------------------------------------------------------------- */
+
+static ALWAYS_INLINE float fp16_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    float sign = h & 0x8000 ? -1.0f : 1.0f;
+    int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    if (exponent == 0)
+        return sign * ldexpf((float)mantissa, -24); /* zero or subnormal */
+    if (exponent == 31)
+        return mantissa ? NAN : sign * INFINITY;
+    return sign * ldexpf((float)(mantissa | 0x400), exponent - 25);
+#endif
+}
+
+static ALWAYS_INLINE float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16; /* bfloat16 is the top half of a float32 */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The fp16 scale stored at p (blocks are packed, so p may be unaligned). */
+static ALWAYS_INLINE float fp16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return fp16_to_float(h);
+}
+
+static ALWAYS_INLINE uint32_t u32_at(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* ---- Vectors: vf holds VLEN floats, vi VLEN int32 ------------------------------------------------ */
+
+#if defined(__AVX512F__)
+#define VLEN 16
+typedef __m512 vf;
+typedef __m512i vi;
+static ALWAYS_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
+static ALWAYS_INLINE vf vf_set(float a) { return _mm512_set1_ps(a); }
+static ALWAYS_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static ALWAYS_INLINE void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static ALWAYS_INLINE float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
+    __m512i halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
+}
+static ALWAYS_INLINE vf vi_float(vi a) { return _mm512_cvtepi32_ps(a); }
+static ALWAYS_INLINE vi vi_set(int32_t a) { return _mm512_set1_epi32(a); }
+static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
+static ALWAYS_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm512_srli_epi32(a, n); }
+static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm512_slli_epi32(a, n); }
+/* Lane i holds bit i of bits (0 or 1). */
+static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return _mm512_maskz_set1_epi32((__mmask16)bits, 1); }
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VLEN 8
+typedef __m256 vf;
+typedef __m256i vi;
+static ALWAYS_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE vf vf_set(float a) { return _mm256_set1_ps(a); }
+static ALWAYS_INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS_INLINE void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static ALWAYS_INLINE float vf_sum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
+    __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
+}
+static ALWAYS_INLINE vf vi_float(vi a) { return _mm256_cvtepi32_ps(a); }
+static ALWAYS_INLINE vi vi_set(int32_t a) { return _mm256_set1_epi32(a); }
+static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static ALWAYS_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
+static ALWAYS_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm256_srli_epi32(a, n); }
+static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm256_slli_epi32(a, n); }
+static ALWAYS_INLINE vi vi_bits(uint32_t bits) {
+    vi lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)bits), lanes), _mm256_set1_epi32(1));
+}
+
+#else
+#define VLEN 1
+typedef float vf;
+typedef int32_t vi;
+static ALWAYS_INLINE vf vf_zero(void) { return 0.0f; }
+static ALWAYS_INLINE vf vf_set(float a) { return a; }
+static ALWAYS_INLINE vf vf_load(const float *p) { return *p; }
+static ALWAYS_INLINE void vf_store(float *p, vf a) { *p = a; }
+static ALWAYS_INLINE vf vf_add(vf a, vf b) { return a + b; }
+static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return a * b; }
+static ALWAYS_INLINE vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
+static ALWAYS_INLINE float vf_sum(vf a) { return a; }
+static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return fp16_at(p); }
+static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    return bf16_to_float(h);
+}
+static ALWAYS_INLINE vf vi_float(vi a) { return (float)a; }
+static ALWAYS_INLINE vi vi_set(int32_t a) { return a; }
+static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return *p; }
+static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return (int8_t)*p; }
+static ALWAYS_INLINE vi vi_and(vi a, vi b) { return a & b; }
+static ALWAYS_INLINE vi vi_or(vi a, vi b) { return a | b; }
+static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
+static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
+static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }
+static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return (vi)(bits & 1); }
+#endif
+
+#endif
