@@ -17,6 +17,7 @@ from trillm.chat import (
     render_chat,
     safe_prefix_len,
 )
+from trillm.errors import TrillmError
 
 # meta-llama/Llama-2-7b-chat-hf, tokenizer_config.json.
 LLAMA2_TEMPLATE = (
@@ -312,11 +313,15 @@ def test_raise_exception_becomes_one_line_value_error():
     with pytest.raises(ValueError, match=r"^chat template error: Conversation roles must alternate") as error:
         render_chat(LLAMA2_TEMPLATE, messages, bos_token="<s>", eos_token="</s>")
     assert "\n" not in str(error.value)
+    assert isinstance(error.value, TrillmError)  # so the CLI prints it as one line, without a traceback
+    with pytest.raises(ValueError) as error:
+        render_chat("{{ raise_exception('Roles must alternate.\\n  See the docs.') }}", messages)
+    assert str(error.value) == "chat template error: Roles must alternate. See the docs."
 
 
 def test_syntax_error_becomes_one_line_value_error():
     template = "{% for message in messages %}\n{{ message.content }}\n{% if %}"
-    with pytest.raises(ValueError, match=r"^chat template syntax error at line 3: ") as error:
+    with pytest.raises(ValueError, match=r"^chat template error at line 3: ") as error:
         render_chat(template, [{"role": "user", "content": "a"}])
     assert "\n" not in str(error.value)
 

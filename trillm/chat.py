@@ -14,8 +14,16 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from trillm.errors import TrillmError
+
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class ChatTemplateError(TrillmError, ValueError):
+    """A conversation that cannot be rendered: no template, a broken one, or one that rejects the messages.
+    A ValueError for callers of the library; a TrillmError so the CLI prints it as one line."""
+
 
 NO_TEMPLATE_MESSAGE = (
     "this model has no chat template, so a conversation cannot be formatted for it; "
@@ -84,9 +92,9 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     """
     # transformers 5 has no default template either; an empty one would render an empty prompt.
     if not template:
-        raise ValueError(NO_TEMPLATE_MESSAGE)
+        raise ChatTemplateError(NO_TEMPLATE_MESSAGE)
     if not messages:
-        raise ValueError("cannot apply a chat template to an empty conversation")
+        raise ChatTemplateError("cannot apply a chat template to an empty conversation")
     special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
     special_tokens.update((name, extra.pop(name)) for name in SPECIAL_TOKEN_NAMES if name in extra)
     variables = {
@@ -101,14 +109,10 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     try:
         compiled = compile_template(template)
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-    except jinja2.TemplateSyntaxError as error:
-        raise ValueError(f"chat template syntax error at line {error.lineno}: {one_line(error.message)}") from None
-    except jinja2.TemplateError as error:
-        raise ValueError(f"chat template error: {one_line(str(error))}") from None
-
-
-def one_line(text: str | None) -> str:
-    return " ".join(str(text).split())
+    except jinja2.TemplateError as error:  # syntax errors, raise_exception, undefined names, sandbox refusals
+        where = f" at line {error.lineno}" if isinstance(error, jinja2.TemplateSyntaxError) else ""
+        message = " ".join(str(error.message).split())  # jinja2's can span lines; the CLI prints one
+        raise ChatTemplateError(f"chat template error{where}: {message}") from error
 
 
 class Conversation:

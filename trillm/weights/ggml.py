@@ -1,8 +1,21 @@
-"""GGML block formats as GGUF files store them (placeholder: being written)."""
+"""GGML block formats as GGUF files store them: block layouts, a pure-PyTorch reference decoder, and the
+linear layer that multiplies straight from the blocks.
+
+Layouts follow llama.cpp (block_* in ggml-common.h, dequantize_row_* in ggml-quants.c). The reference
+decoders compute what the gguf package's numpy dequantizer (gguf.quants.dequantize) computes, in the same
+order of operations; transformers uses that one to load GGUF files, so matching it keeps our greedy
+tokens equal to transformers'. The native kernels (csrc/ggml.c) keep the activations float32 for the
+same reason.
+"""
+
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
+from torch import nn
+
+from trillm.weights.native import NativeEmbedding, NativeLinear
 
 
 @dataclass
@@ -12,3 +25,195 @@ class GGMLTensor:
     type: GGMLQuantizationType
     data: torch.Tensor  # uint8 (rows, bytes_per_row), usually a view of the memory-mapped file
     shape: tuple[int, int]  # logical (rows, cols) = (out_features, in_features)
+
+
+Q = GGMLQuantizationType
+
+# (weights per block, bytes per block) of the types we decode.
+BLOCK_LAYOUTS: dict[GGMLQuantizationType, tuple[int, int]] = {
+    Q.Q8_0: (32, 34),  # fp16 d, 32 x int8
+    Q.Q4_0: (32, 18),  # fp16 d, 16 bytes of nibbles
+    Q.Q4_1: (32, 20),  # fp16 d, fp16 m, 16 bytes of nibbles
+    Q.Q5_0: (32, 22),  # fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles
+    Q.Q5_1: (32, 24),  # fp16 d, fp16 m, 4 bytes of fifth bits, 16 bytes of nibbles
+    Q.Q4_K: (256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+    Q.Q5_K: (256, 176),  # as Q4_K, with 32 bytes of fifth bits before the nibbles
+    Q.Q6_K: (256, 210),  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d
+}
+
+
+# ---- Reference decoders: uint8 blocks (n, bytes per block) -> float32 weights (n, weights per block) ----
+
+def fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 scale at this byte offset of each block, as float32 (n, 1)."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).float()
+
+
+def nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) bytes -> (n, 32) values: byte j holds weight j in its low nibble and j + 16 in its high."""
+    return torch.cat([qs & 15, qs >> 4], dim=-1)
+
+
+def fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(n, 4) bytes, a little-endian uint32 whose bit j belongs to weight j -> (n, 32) values 0 or 16."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return (((qh.unsqueeze(-1) >> shifts) & 1) << 4).flatten(1)
+
+
+def decode_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks[:, 2:].view(torch.int8).float() * fp16_at(blocks, 0)
+
+
+def decode_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    return fp16_at(blocks, 0) * (nibbles(blocks[:, 2:]).float() - 8)
+
+
+def decode_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    return fp16_at(blocks, 0) * nibbles(blocks[:, 4:]).float() + fp16_at(blocks, 2)
+
+
+def decode_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    q = nibbles(blocks[:, 6:]) | fifth_bits(blocks[:, 2:6])
+    return fp16_at(blocks, 0) * (q.float() - 16)
+
+
+def decode_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    q = nibbles(blocks[:, 8:]) | fifth_bits(blocks[:, 4:8])
+    return fp16_at(blocks, 0) * q.float() + fp16_at(blocks, 2)
+
+
+def k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> the 6-bit scale and min of each of the 8 sub-blocks, (n, 8) each.
+
+    Sub-blocks 0-3 use the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 put their low
+    4 bits in bytes 8-11 (scale low, min high nibble) and their top 2 bits in the top bits of bytes 0-7.
+    """
+    low, high, extra = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = torch.cat([low & 63, (extra & 15) | ((low >> 6) << 4)], dim=-1)
+    mins = torch.cat([high & 63, (extra >> 4) | ((high >> 6) << 4)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 128) bytes -> (n, 8, 32): sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes 32k.."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return torch.cat([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32)
+
+
+def decode_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    scales, mins = k_scales_mins(blocks[:, 4:16])
+    scale = (fp16_at(blocks, 0) * scales).unsqueeze(-1)  # (n, 8, 1)
+    offset = (fp16_at(blocks, 2) * mins).unsqueeze(-1)
+    return (scale * k_nibbles(blocks[:, 16:]).float() - offset).flatten(1)
+
+
+def decode_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    scales, mins = k_scales_mins(blocks[:, 4:16])
+    scale = (fp16_at(blocks, 0) * scales).unsqueeze(-1)
+    offset = (fp16_at(blocks, 2) * mins).unsqueeze(-1)
+    # Bit s of byte j of the 32 fifth-bit bytes belongs to weight j of sub-block s.
+    sub_blocks = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+    high = ((blocks[:, 16:48].unsqueeze(1) >> sub_blocks) & 1) << 4
+    q = k_nibbles(blocks[:, 48:]) | high
+    return (scale * q.float() - offset).flatten(1)
+
+
+def decode_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    # Each half of 128 weights is 4 quarters of 32: quarters 0, 1 are the low nibbles of the half's 64
+    # bytes (first 32, last 32), quarters 2, 3 their high nibbles; quarter k adds bits 2k, 2k+1 of the
+    # half's 32 high-bit bytes as bits 4 and 5.
+    low_bytes = blocks[:, :128].reshape(-1, 2, 1, 2, 32)
+    low = torch.cat([low_bytes & 15, low_bytes >> 4], dim=2).reshape(-1, 2, 4, 32)
+    quarter_shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    high = ((blocks[:, 128:192].reshape(-1, 2, 1, 32) >> quarter_shifts) & 3) << 4
+    q = (low | high).reshape(-1, 16, 16).float() - 32
+    scale = fp16_at(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()  # one per 16 weights
+    return (scale.unsqueeze(-1) * q).flatten(1)
+
+
+DECODERS = {
+    Q.Q8_0: decode_q8_0, Q.Q4_0: decode_q4_0, Q.Q4_1: decode_q4_1, Q.Q5_0: decode_q5_0, Q.Q5_1: decode_q5_1,
+    Q.Q4_K: decode_q4_k, Q.Q5_K: decode_q5_k, Q.Q6_K: decode_q6_k,
+}
+
+
+def check_layout(weight: GGMLTensor):
+    """Raise ValueError unless the weight is a 2-D GGML tensor of a type we decode, with consistent sizes."""
+    if weight.type not in BLOCK_LAYOUTS:
+        supported = ", ".join(t.name for t in BLOCK_LAYOUTS)
+        raise ValueError(f"GGML type {weight.type.name} is not supported (supported: {supported})")
+    block_elems, block_bytes = BLOCK_LAYOUTS[weight.type]
+    rows, cols = weight.shape
+    if cols % block_elems:
+        raise ValueError(f"{weight.type.name} rows hold blocks of {block_elems} weights; {cols} columns do not fit")
+    expected = (rows, cols // block_elems * block_bytes)
+    if weight.data.dtype != torch.uint8 or tuple(weight.data.shape) != expected:
+        raise ValueError(f"{weight.type.name} weight of shape {weight.shape} needs uint8 data of shape {expected}, "
+                         f"got {weight.data.dtype} {tuple(weight.data.shape)}")
+
+
+def dequantize_ggml(weight: GGMLTensor) -> torch.Tensor:
+    """Reference decode of the whole weight: float32 (rows, cols)."""
+    check_layout(weight)
+    block_elems, block_bytes = BLOCK_LAYOUTS[weight.type]
+    blocks = weight.data.reshape(-1, block_bytes)
+    return DECODERS[weight.type](blocks).reshape(weight.shape)
+
+
+def concat_ggml_rows(weights: list[GGMLTensor]) -> GGMLTensor:
+    """One weight whose rows are the given weights' rows, in order (to fuse q/k/v or gate/up)."""
+    first = weights[0]
+    for weight in weights:
+        if weight.type != first.type or weight.shape[1] != first.shape[1]:
+            raise ValueError(f"cannot concatenate rows of {weight.type.name} {weight.shape} "
+                             f"and {first.type.name} {first.shape}: types and columns must match")
+    rows = sum(weight.shape[0] for weight in weights)
+    return GGMLTensor(first.type, torch.cat([weight.data for weight in weights]), (rows, first.shape[1]))
+
+
+class GGMLLinear(NativeLinear):
+    """y = x W^T computed by the native kernel straight from the GGML blocks (csrc/ggml.c)."""
+
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None):
+        check_layout(weight)
+        super().__init__(int(weight.type), weight.data, weight.shape, bias)
+        self.weight = weight
+
+
+class ReferenceGGMLLinear(nn.Module):
+    """GGMLLinear's reference twin: decodes the blocks in PyTorch on every call, then a float32 matmul."""
+
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        check_layout(weight)
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.stored_bytes = weight.data.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), dequantize_ggml(self.weight), self.bias)
+
+
+class GGMLEmbedding(NativeEmbedding):
+    """Token embeddings from GGML blocks: the native decoder reads only the looked-up rows."""
+
+    def __init__(self, weight: GGMLTensor):
+        check_layout(weight)
+        super().__init__(int(weight.type), weight.data, weight.shape)
+        self.weight = weight
+
+
+class ReferenceGGMLEmbedding(nn.Module):
+    """GGMLEmbedding's reference twin: the looked-up rows decoded in PyTorch."""
+
+    def __init__(self, weight: GGMLTensor):
+        super().__init__()
+        check_layout(weight)
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.data[ids.reshape(-1)]
+        decoded = dequantize_ggml(GGMLTensor(self.weight.type, rows, (rows.shape[0], self.embedding_dim)))
+        return decoded.view(*ids.shape, self.embedding_dim)

@@ -18,38 +18,40 @@ static ALWAYS_INLINE vf q8_0_vector(const uint8_t *b, int i) {
     return vf_mul(vi_float(vi_i8(b + 2 + i * VLEN)), vf_set(fp16_at(b)));
 }
 
-/* The 4-bit values of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high. */
+/* The 4-bit codes of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high.
+ * Lanes hold the code in their low 4 bits (vf_codes16 ignores the bits above). */
 static ALWAYS_INLINE vi nibbles(const uint8_t *qs, int i) {
     int first = i * VLEN;
     vi bytes = vi_u8(qs + first % 16);
-    return first < 16 ? vi_and(bytes, vi_set(15)) : vi_shr(bytes, 4);
+    return first < 16 ? bytes : vi_shr(bytes, 4);
 }
 
-/* The fifth bits of Q5_0 / Q5_1, as 16 or 0: bit j of a little-endian uint32 belongs to weight j. */
-static ALWAYS_INLINE vi fifth_bits(const uint8_t *qh, int i) {
-    return vi_shl(vi_bits(u32_at(qh) >> (i * VLEN)), 4);
+/* Q5_0 / Q5_1 codes: the nibble plus a fifth bit, bit j of a little-endian uint32 for weight j. */
+static ALWAYS_INLINE vi five_bit_codes(const uint8_t *qh, const uint8_t *qs, int i) {
+    vi fifth = vi_shl(vi_bits(u32_at(qh) >> (i * VLEN)), 4);
+    return vi_or(vi_and(nibbles(qs, i), vi_set(15)), fifth);
 }
 
 /* Q4_0, 18 bytes: fp16 d, 16 bytes of nibbles. w = d * (q - 8) */
 static ALWAYS_INLINE vf q4_0_vector(const uint8_t *b, int i) {
-    return vf_mul(vi_float(vi_sub(nibbles(b + 2, i), vi_set(8))), vf_set(fp16_at(b)));
+    float d = fp16_at(b);
+    return vf_codes16(nibbles(b + 2, i), d, -8 * d);
 }
 
 /* Q4_1, 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles. w = d * q + m */
 static ALWAYS_INLINE vf q4_1_vector(const uint8_t *b, int i) {
-    return vf_fma(vi_float(nibbles(b + 4, i)), vf_set(fp16_at(b)), vf_set(fp16_at(b + 2)));
+    return vf_codes16(nibbles(b + 4, i), fp16_at(b), fp16_at(b + 2));
 }
 
 /* Q5_0, 22 bytes: fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles. w = d * (q - 16) */
 static ALWAYS_INLINE vf q5_0_vector(const uint8_t *b, int i) {
-    vi q = vi_or(nibbles(b + 6, i), fifth_bits(b + 2, i));
-    return vf_mul(vi_float(vi_sub(q, vi_set(16))), vf_set(fp16_at(b)));
+    float d = fp16_at(b);
+    return vf_codes32(five_bit_codes(b + 2, b + 6, i), d, -16 * d);
 }
 
 /* Q5_1, 24 bytes: fp16 d, fp16 m, 4 bytes of fifth bits, 16 bytes of nibbles. w = d * q + m */
 static ALWAYS_INLINE vf q5_1_vector(const uint8_t *b, int i) {
-    vi q = vi_or(nibbles(b + 8, i), fifth_bits(b + 4, i));
-    return vf_fma(vi_float(q), vf_set(fp16_at(b)), vf_set(fp16_at(b + 2)));
+    return vf_codes32(five_bit_codes(b + 4, b + 8, i), fp16_at(b), fp16_at(b + 2));
 }
 
 /* Q4_K and Q5_K hold 256 weights in 8 sub-blocks of 32; 12 bytes pack each sub-block's 6-bit scale and
@@ -70,8 +72,7 @@ static ALWAYS_INLINE vf q4_k_vector(const uint8_t *b, int i) {
     int first = i * VLEN, sub = first / 32, scale, min;
     k_scale_min(b + 4, sub, &scale, &min);
     vi bytes = vi_u8(b + 16 + 32 * (sub / 2) + first % 32);
-    vi q = sub % 2 ? vi_shr(bytes, 4) : vi_and(bytes, vi_set(15));
-    return vf_fma(vi_float(q), vf_set(fp16_at(b) * scale), vf_set(-(fp16_at(b + 2) * min)));
+    return vf_codes16(sub % 2 ? vi_shr(bytes, 4) : bytes, fp16_at(b) * scale, -(fp16_at(b + 2) * min));
 }
 
 /* Q5_K, 176 bytes: as Q4_K with 32 bytes of fifth bits before the nibbles: bit s of byte j belongs to
@@ -82,7 +83,7 @@ static ALWAYS_INLINE vf q5_k_vector(const uint8_t *b, int i) {
     vi bytes = vi_u8(b + 48 + 32 * (sub / 2) + first % 32);
     vi low = sub % 2 ? vi_shr(bytes, 4) : vi_and(bytes, vi_set(15));
     vi high = vi_shl(vi_and(vi_shr(vi_u8(b + 16 + first % 32), sub), vi_set(1)), 4);
-    return vf_fma(vi_float(vi_or(low, high)), vf_set(fp16_at(b) * scale), vf_set(-(fp16_at(b + 2) * min)));
+    return vf_codes32(vi_or(low, high), fp16_at(b) * scale, -(fp16_at(b + 2) * min));
 }
 
 /* Q6_K, 210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales (one per 16

@@ -115,6 +115,18 @@ static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm512_srli_epi32(a, n
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm512_slli_epi32(a, n); }
 /* Lane i holds bit i of bits (0 or 1). */
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return _mm512_maskz_set1_epi32((__mmask16)bits, 1); }
+/* Lanes q * scale + offset, for the code q in the low 4 (or 5) bits of each lane: a lookup in a table of
+ * the block's 16 (32) values, one instruction where converting and scaling each lane takes two. */
+static ALWAYS_INLINE vf vf_codes16(vi q, float scale, float offset) {
+    vf values = vf_fma(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vf_set(scale), vf_set(offset));
+    return _mm512_permutexvar_ps(q, values);
+}
+static ALWAYS_INLINE vf vf_codes32(vi q, float scale, float offset) {
+    vf low = vf_fma(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vf_set(scale), vf_set(offset));
+    vf high = vf_fma(_mm512_setr_ps(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31), vf_set(scale),
+                     vf_set(offset));
+    return _mm512_permutex2var_ps(low, q, high);
+}
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VLEN 8
@@ -179,6 +191,16 @@ static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return (vi)(bits & 1); }
+#endif
+
+#if VLEN < 16
+/* Lanes q * scale + offset, for the code q in the low 4 (or 5) bits of each lane. */
+static ALWAYS_INLINE vf vf_codes16(vi q, float scale, float offset) {
+    return vf_fma(vi_float(vi_and(q, vi_set(15))), vf_set(scale), vf_set(offset));
+}
+static ALWAYS_INLINE vf vf_codes32(vi q, float scale, float offset) {
+    return vf_fma(vi_float(vi_and(q, vi_set(31))), vf_set(scale), vf_set(offset));
+}
 #endif
 
 #endif

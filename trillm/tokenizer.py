@@ -1,0 +1,488 @@
+"""Text to token ids and back, for every tokenizer file trillm reads.
+
+Each format becomes one `tokenizers.Tokenizer` (the Rust library transformers itself runs), assembled the
+way transformers 5 assembles it, so the ids equal `AutoTokenizer`'s for the same files:
+
+- tokenizer.json: read as it is; BOS/EOS follow tokenizer_config.json as transformers'
+  `TokenizersBackend.update_post_processor` applies it.
+- GGUF vocabularies: transformers' `integrations/gguf/gguf_tokenizer_mapping.py`, which reads
+  llama.cpp's conventions (`llama-vocab.cpp`): token types, the split regex named by
+  `tokenizer.ggml.pre`, BOS added by default for SentencePiece vocabularies.
+- SentencePiece `tokenizer.model` (Llama 2): transformers' `LlamaTokenizer` built from
+  `SentencePieceExtractor`; the proto is parsed with the schema sentencepiece ships.
+- tiktoken `tokenizer.model` (Llama 3): transformers' `TikTokenConverter`, with the split pattern and
+  the 256 special tokens of Meta's Llama 3.1 `tokenizer.py`.
+
+Streaming detokenization is the library's `DecodeStream`.
+"""
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import DecodeStream
+from tokenizers.models import BPE
+
+# Token types, numbered alike in SentencePiece protos and GGUF `tokenizer.ggml.token_type`.
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
+
+# Tokens that end a turn when the vocabulary marks them special: llama.cpp's end-of-generation names
+# (llama-vocab.cpp), DeepSeek's, and gpt-oss's harmony stops.
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<|return|>",
+    "<|call|>",
+)
+
+# Split patterns by `tokenizer.ggml.pre`, as transformers' GGUF_PRE_TOKENIZER_SPLITS maps them; a name
+# missing here keeps GPT-2's own pattern, as transformers does.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_SPLIT_PATTERNS = {
+    **dict.fromkeys(
+        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+         "jina-v5-nano", "dbrx", "smaug-bpe"],
+        LLAMA3_SPLIT,
+    ),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], QWEN2_SPLIT),
+    "qwen35": QWEN35_SPLIT,
+    "tekken": TEKKEN_SPLIT,
+    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], GPT4O_SPLIT),
+}
+
+# Meta's Llama 3.1 tokenizer.py: 256 special tokens follow the ranks, these first, reserved ones after.
+LLAMA3_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+LLAMA3_SPECIAL_TOKEN_COUNT = 256
+
+# GGUF architectures whose SentencePiece vocabulary transformers rebuilds differently (Gemma's spelled
+# spaces and file-order merges, Phi-3's normalizer); not handled here, so refused rather than guessed.
+GGUF_SENTENCEPIECE_VARIANTS = ("gemma", "gemma2", "gemma3", "phi3")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` and what an engine needs to know about its special tokens."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        bos_token: str | None,
+        eos_token: str | None,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+        chat_template: str | None = None,
+        other_special_tokens: Iterable[str | None] = (),
+        other_stop_ids: Iterable[int] = (),
+    ):
+        """`add_bos`/`add_eos` None (both) keeps the backend's own post-processor, as transformers does
+        when tokenizer_config.json does not set them; otherwise BOS/EOS are added as they say."""
+        self.backend = backend
+        # An engine must see the whole prompt: a length limit or padding in a tokenizer.json is for training.
+        backend.no_truncation()
+        backend.no_padding()
+        self.bos_id = _token_id(backend, bos_token)
+        self.eos_id = _token_id(backend, eos_token)
+        self.bos_token = bos_token if self.bos_id is not None else None
+        self.eos_token = eos_token if self.eos_id is not None else None
+        self.chat_template = chat_template
+
+        # transformers matches its named special tokens (bos, eos, unk, pad) whole in text even where the
+        # vocabulary holds them as plain tokens.
+        already_added = {str(token) for token in backend.get_added_tokens_decoder().values()}
+        named = [t for t in (bos_token, eos_token, *other_special_tokens) if _token_id(backend, t) is not None]
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named) if t not in already_added]
+        )
+        self._special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+
+        if add_bos is not None or add_eos is not None:
+            backend.post_processor = _bos_eos_template(
+                self.bos_token if add_bos else None, self.eos_token if add_eos else None, backend
+            )
+        # Whatever produced it (a flag or a tokenizer.json template), this is what encode() does.
+        self.add_bos = self.bos_id is not None and backend.encode("").ids[:1] == [self.bos_id]
+
+        self.stop_ids = {i for i in (self.eos_id, *other_stop_ids) if i is not None}
+        self.stop_ids |= {i for i in map(backend.token_to_id, END_OF_TURN_TOKENS) if i in self._special_ids}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in it become their ids, as in transformers."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def piece(self, token_id: int) -> str:
+        """The token as the vocabulary spells it (`Ġhello`, `▁hello`, `<0x0A>`)."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return piece
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+
+class StreamDecoder:
+    """Incremental detokenization: text comes back only once its characters are complete."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.ids: list[int] = []
+        self.emitted_chars = 0
+
+    def push(self, token_id: int) -> str:
+        """The text this token completes: empty while it holds only part of a UTF-8 character."""
+        self.ids.append(token_id)
+        text = self.stream.step(self.tokenizer.backend, token_id) or ""
+        self.emitted_chars += len(text)
+        return text
+
+    def flush(self) -> str:
+        """What the stream still holds back at the end (an unfinished character decodes to U+FFFD)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)[self.emitted_chars :]
+        self.emitted_chars += len(text)
+        return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face folders and tokenizer.model files
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The tokenizer of a model folder: tokenizer.json, else tokenizer.model (SentencePiece or
+    tiktoken, told apart by content); None when the folder has neither."""
+    folder = Path(folder)
+    config = _read_json(folder / "tokenizer_config.json")
+    special_tokens_map = _read_json(folder / "special_tokens_map.json")
+    generation_config = _read_json(folder / "generation_config.json")
+
+    def named_token(name: str, default: str | None = None) -> str | None:
+        value = config.get(name, special_tokens_map.get(name, default))
+        return value["content"] if isinstance(value, dict) else value
+
+    if (folder / "tokenizer.json").is_file():
+        backend = _read_tokenizer_json(folder / "tokenizer.json")
+        default_bos = default_eos = None
+        # transformers 5 drops add_bos_token/add_eos_token from the config when a tokenizer.json exists:
+        # the file's post-processor alone decides (the two agree in files transformers 4 saved).
+        add_bos = add_eos = None
+    elif (folder / "tokenizer.model").is_file():
+        path = folder / "tokenizer.model"
+        if _is_tiktoken_file(path):
+            backend = _tiktoken_backend(path)
+            default_bos, default_eos = LLAMA3_NAMED_SPECIAL_TOKENS[:2]
+        else:
+            backend, default_bos, default_eos = _sentencepiece_model_backend(path, config)
+        add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
+        if add_bos is None and add_eos is None:
+            # Meta's reference encoders (and llama.cpp) start every prompt with BOS. transformers 5 adds
+            # none unless the config says add_bos_token, as every Llama release on the Hub does.
+            add_bos = True
+    else:
+        return None
+
+    eos_ids = generation_config.get("eos_token_id", [])
+    return Tokenizer(
+        backend,
+        bos_token=named_token("bos_token", default_bos),
+        eos_token=named_token("eos_token", default_eos),
+        add_bos=add_bos,
+        add_eos=add_eos,
+        chat_template=_chat_template(folder, config),
+        other_special_tokens=(named_token("unk_token"), named_token("pad_token")),
+        other_stop_ids=eos_ids if isinstance(eos_ids, list) else [eos_ids],
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def _read_tokenizer_json(path: Path) -> BackendTokenizer:
+    try:
+        return BackendTokenizer.from_file(str(path))
+    except Exception as error:  # the Rust side raises a bare Exception with a serde message
+        raise ValueError(f"{path}: not a tokenizers file ({str(error).splitlines()[0]})") from error
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """chat_template.jinja wins over the config's entry, as in transformers 5; a list of named
+    templates gives its "default" one."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+    return template
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    """A tiktoken file is text lines `base64(token bytes) rank`; a SentencePiece model is a binary proto."""
+    with open(path, "rb") as file:
+        first_line = file.readline(1024).strip()
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first_line) is not None
+
+
+def _tiktoken_backend(path: Path) -> BackendTokenizer:
+    """Meta's Llama 3 tokenizer.model as transformers' TikTokenConverter turns it into BPE."""
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as error:
+            raise ValueError(f"{path}: line {number} is not `base64 rank` ({error})") from error
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}")
+
+    # latin-1 turns each byte into the character with that code, which the byte spelling then maps.
+    spelling = gpt2_byte_spelling()
+    spelled = {token: token.decode("latin-1").translate(spelling) for token in ranks}
+    vocab = {spelled[token]: rank for token, rank in ranks.items()}
+    merges = [(spelled[left], spelled[right]) for left, right in _tiktoken_merges(ranks)]
+    # tiktoken looks a whole pre-token up in the ranks before merging: BPE's ignore_merges does the same.
+    backend = _byte_level_backend(vocab, merges, LLAMA3_SPLIT, ignore_merges=True)
+    reserved = (
+        f"<|reserved_special_token_{index}|>"
+        for index in range(3, 3 + LLAMA3_SPECIAL_TOKEN_COUNT - len(LLAMA3_NAMED_SPECIAL_TOKENS))
+    )
+    specials = [*LLAMA3_NAMED_SPECIAL_TOKENS, *reserved]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return backend
+
+
+def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Every split of a token into two tokens, ordered by the token's rank (TikTokenConverter's order:
+    within one token, by the ranks of its left then right part)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
+        splits = [(left, right) for left, right in splits if left in ranks and right in ranks]
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    return merges
+
+
+def _sentencepiece_model_backend(path: Path, config: dict) -> tuple[BackendTokenizer, str | None, str | None]:
+    """Llama 2's SentencePiece tokenizer.model, with its BOS and EOS pieces."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except DecodeError as error:
+        raise ValueError(f"{path}: neither a SentencePiece model nor a tiktoken file ({error})") from error
+    if model.trainer_spec.model_type != model.trainer_spec.BPE or not model.pieces:
+        raise ValueError(f"{path}: only SentencePiece BPE models (Llama's) are supported")
+
+    pieces = [piece.piece for piece in model.pieces]
+    # transformers' SentencePieceExtractor orders these merges by token id, not by score.
+    merges = sentencepiece_merges({piece: index for index, piece in enumerate(pieces)})
+    prepend_scheme = "first"  # transformers' LlamaTokenizer: legacy=False unless the config says so
+    if not config.get("add_prefix_space", True):
+        prepend_scheme = "never"
+    elif config.get("legacy", False):
+        prepend_scheme = "always"
+    backend = _sentencepiece_backend(pieces, [piece.type for piece in model.pieces], merges, prepend_scheme)
+    spec = model.trainer_spec
+    bos = pieces[spec.bos_id] if 0 <= spec.bos_id < len(pieces) else None
+    eos = pieces[spec.eos_id] if 0 <= spec.eos_id < len(pieces) else None
+    return backend, bos, eos
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes (values as `GGUFReader` fields' `contents()`)."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    architecture = metadata.get("general.architecture")
+    if kind is None or tokens is None:
+        raise ValueError("GGUF metadata holds no vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = metadata.get("tokenizer.ggml.merges")
+    merges = [tuple(merge.split(" ")) for merge in merges] if merges is not None else None
+
+    if kind == "gpt2":
+        backend = _gguf_byte_level_backend(tokens, types, merges or [], metadata.get("tokenizer.ggml.pre"))
+    elif kind == "llama" and architecture not in GGUF_SENTENCEPIECE_VARIANTS:
+        vocab = {token: index for index, token in enumerate(tokens)}
+        if merges is None:
+            merges = sentencepiece_merges(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
+        backend = _sentencepiece_backend(tokens, types, merges, prepend_scheme="first")
+    else:
+        raise ValueError(
+            f"GGUF tokenizer {kind!r} for architecture {architecture!r} is not supported "
+            "(trillm reads 'gpt2' vocabularies and Llama-style 'llama' ones)"
+        )
+
+    def token_named(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    stop_ids = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eot_token_id", "eom_token_id")]
+    return Tokenizer(
+        backend,
+        bos_token=token_named("bos_token_id"),
+        eos_token=token_named("eos_token_id"),
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise; transformers follows.
+        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        other_special_tokens=(token_named("unknown_token_id"), token_named("padding_token_id")),
+        other_stop_ids=[i for i in stop_ids if i is not None],
+    )
+
+
+def _gguf_byte_level_backend(tokens: list[str], types: list[int], merges: list, pre: str | None) -> BackendTokenizer:
+    """A GGUF "gpt2" vocabulary: byte-level BPE, split by the pattern `tokenizer.ggml.pre` names."""
+    spelling = gpt2_byte_spelling()
+    alphabet = set(spelling.values())
+    # Tokens are stored in the byte alphabet; one that is not (a user-defined "\n\n", say) is respelled.
+    vocab = {
+        token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
+        for index, token in enumerate(tokens)
+    }
+    backend = _byte_level_backend(vocab, merges, GGUF_SPLIT_PATTERNS.get(pre), ignore_merges=False)
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel; transformers skips it.
+    control = [t for t, kind in zip(tokens, types) if kind == CONTROL and set(t) <= alphabet]
+    user_defined = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two BPE shapes every format above reduces to
+
+
+def _byte_level_backend(vocab: dict[str, int], merges: list, split_pattern: str | None, ignore_merges: bool):
+    """GPT-2 style byte-level BPE: text split by a regex, each byte spelled as one printable character."""
+    backend = BackendTokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges, dropout=None))
+    if split_pattern is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own pattern
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(pieces: list[str], types: list[int], merges: list, prepend_scheme: str):
+    """Llama's SentencePiece BPE as transformers' LlamaTokenizer rebuilds it: spaces spelled `▁` with one
+    put before the text, bytes of unknown characters as `<0xNN>` tokens, no normalizer."""
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    backend = BackendTokenizer(BPE(vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prepend_scheme != "never":
+        steps.append(decoders.Strip(content=" ", left=1))  # the space put before the text
+    backend.decoder = decoders.Sequence(steps)
+    # Control and unknown tokens are special (matched in text, skippable in decode); user-defined ones
+    # are matched whole in text but are ordinary text otherwise, as in sentencepiece and llama.cpp.
+    special = [p for p, kind in zip(pieces, types) if kind in (UNKNOWN, CONTROL)]
+    user_defined = [p for p, kind in zip(pieces, types) if kind == USER_DEFINED]
+    backend.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in special])
+    backend.add_tokens([AddedToken(p, special=False, normalized=False) for p in user_defined])
+    return backend
+
+
+def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """The merges a SentencePiece vocabulary implies, in transformers' `generate_merges` order: every split
+    of a token into two tokens, ranked by the token's score (highest first) or, without scores, by its id;
+    ties by the parts' lengths."""
+    merges = []
+    for token, rank in (scores or vocab).items():
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
+        splits = [(left, right) for left, right in splits if left in vocab and right in vocab]
+        merges += [(left, right, rank) for left, right in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=scores is not None)
+    return [(left, right) for left, right, _ in merges]
+
+
+def gpt2_byte_spelling() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 `bytes_to_unicode`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling = {byte: chr(byte) for byte in printable}
+    for shift, byte in enumerate(b for b in range(256) if b not in spelling):
+        spelling[byte] = chr(256 + shift)
+    return spelling
+
+
+def _bos_eos_template(bos: str | None, eos: str | None, backend: BackendTokenizer) -> processors.TemplateProcessing:
+    """BOS before and EOS after the text (either may be None), as transformers' `update_post_processor`."""
+    template = ["$A"]
+    if bos is not None:
+        template.insert(0, bos)
+    if eos is not None:
+        template.append(eos)
+    specials = {token: backend.token_to_id(token) for token in (bos, eos) if token is not None}
+    return processors.TemplateProcessing(single=template, special_tokens=list(specials.items()))
+
+
+def _token_id(backend: BackendTokenizer, token: str | None) -> int | None:
+    return backend.token_to_id(token) if token is not None else None

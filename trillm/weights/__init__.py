@@ -1,0 +1,66 @@
+"""The one factory models build their weights with: it receives tensors as the checkpoint stores them
+and returns the module that computes from them, the native kernel's or, when the kernels cannot be built
+(or TRILLM_NATIVE=0), the pure-PyTorch reference twin. Models never look at formats or kernels.
+
+    make_linear(weight)     forward(x float32 [..., in]) -> float32 [..., out]
+    make_embedding(weight)  forward(ids int64 [...]) -> float32 [..., dim]
+    concat_rows(weights)    one weight of the same kind, to fuse q/k/v or gate/up into one matmul
+"""
+
+import torch
+from torch import nn
+
+from trillm.weights import native
+from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear, check_dense
+from trillm.weights.ggml import (
+    GGMLEmbedding,
+    GGMLLinear,
+    GGMLTensor,
+    ReferenceGGMLEmbedding,
+    ReferenceGGMLLinear,
+    concat_ggml_rows,
+)
+
+__all__ = ["GGMLTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear"]
+
+
+def make_linear(weight: torch.Tensor | GGMLTensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored."""
+    use_native = native.load() is not None
+    if isinstance(weight, GGMLTensor):
+        return (GGMLLinear if use_native else ReferenceGGMLLinear)(weight, bias)
+    if isinstance(weight, torch.Tensor):
+        return (DenseLinear if use_native else ReferenceDenseLinear)(weight, bias)
+    raise TypeError(f"no linear layer for a {type(weight).__name__}")
+
+
+def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
+    """An embedding table (num_embeddings, dim) as stored; looked-up rows come out float32."""
+    if isinstance(weight, GGMLTensor):
+        return (GGMLEmbedding if native.load() is not None else ReferenceGGMLEmbedding)(weight)
+    if isinstance(weight, torch.Tensor):
+        return DenseEmbedding(weight)
+    raise TypeError(f"no embedding for a {type(weight).__name__}")
+
+
+def stored_format(weight: torch.Tensor | GGMLTensor):
+    """The GGML type or the torch dtype a weight is stored in."""
+    return weight.type if isinstance(weight, GGMLTensor) else weight.dtype
+
+
+def can_concat_rows(weights: list) -> bool:
+    """Whether concat_rows accepts these: one stored format and one column count for all (GGUF files that
+    mix types, e.g. Q4_K_M with Q6_K value projections, have some that cannot be fused)."""
+    return len({(stored_format(weight), weight.shape[1]) for weight in weights}) == 1
+
+
+def concat_rows(weights: list) -> torch.Tensor | GGMLTensor:
+    """The weights stacked along output rows, in order; all must share format and in_features."""
+    if not can_concat_rows(weights):
+        described = ", ".join(f"{stored_format(weight)} {tuple(weight.shape)}" for weight in weights)
+        raise ValueError(f"cannot concatenate rows of {described}: formats and columns must match")
+    if isinstance(weights[0], GGMLTensor):
+        return concat_ggml_rows(weights)
+    for weight in weights:
+        check_dense(weight)
+    return torch.cat(weights)

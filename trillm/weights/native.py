@@ -1,0 +1,170 @@
+"""The native kernels (C sources in csrc/): compiled with gcc on first use, cached, loaded with ctypes.
+
+`-march=native` makes gcc choose the widest vector instructions this machine has (see csrc/kernels.h).
+The shared library is cached per user, keyed by a hash of the sources, the flags, and what the compiler
+reports about itself and this CPU, so an edit, a new compiler or a different machine rebuilds it. Without
+gcc, or when it fails, `load()` warns once and returns None and the weights fall back to their
+pure-PyTorch reference twins; TRILLM_NATIVE=0 asks for that fallback.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+COMPILER = "gcc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+# Up to this many tokens (decoding, short prompts) a matmul runs the kernel, which reads each weight once
+# per call; longer inputs (prefill) decode the weights to float32 once and use torch's matmul.
+KERNEL_MAX_TOKENS = 8
+
+# Error codes of the C entry points (csrc/matmul.c).
+ERRORS = {-1: "no native kernel for this weight type", -2: "row index out of range"}
+
+log = logging.getLogger("trillm")
+
+
+def cache_dir() -> Path:
+    if "TRILLM_CACHE" in os.environ:
+        return Path(os.environ["TRILLM_CACHE"]) / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trillm" / "native"
+
+
+def build() -> Path:
+    """Compile the sources unless the cache already holds this exact build; return the library's path."""
+    sources = sorted(SOURCE_DIR.glob("*.c"))
+    # The predefined macros name the compiler version and every instruction set -march=native enables.
+    target = subprocess.run([COMPILER, *FLAGS, "-E", "-dM", "-x", "c", "-"], input="", capture_output=True,
+                            text=True, check=True).stdout
+    key = hashlib.sha256(" ".join(FLAGS).encode() + target.encode())
+    for path in sorted(SOURCE_DIR.glob("*.[ch]")):
+        key.update(path.name.encode() + path.read_bytes())
+    library = cache_dir() / f"trillm-{key.hexdigest()[:16]}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: another process may be building or loading it right now.
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(handle)
+        try:
+            subprocess.run([COMPILER, *FLAGS, *map(str, sources), "-o", partial, "-lm"], capture_output=True,
+                           text=True, check=True)
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return library
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None (after one warning) when it cannot be built or TRILLM_NATIVE=0."""
+    if os.environ.get("TRILLM_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except subprocess.CalledProcessError as error:
+        first_line = next((line for line in error.stderr.splitlines() if "error" in line), error.stderr.strip())
+        log.warning("trillm: could not compile the native kernels (%s); using the slow PyTorch reference",
+                    first_line[:200])
+        return None
+    except OSError as error:  # no gcc, an unwritable cache, or a library that does not load
+        log.warning("trillm: native kernels unavailable (%s); using the slow PyTorch reference", error)
+        return None
+    lib.trillm_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.trillm_decode_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.trillm_set_num_threads.argtypes = [ctypes.c_int]
+    lib.trillm_set_num_threads.restype = None
+    return lib
+
+
+def check(code: int):
+    """Raise for a nonzero return code of a kernel entry point."""
+    if code:
+        raise (IndexError if code == -2 else ValueError)(ERRORS.get(code, f"native kernel error {code}"))
+
+
+def set_num_threads(n: int):
+    """OpenMP threads the kernels use (torch keeps its own setting: torch.set_num_threads)."""
+    lib = load()
+    if lib is not None:
+        lib.trillm_set_num_threads(int(n))
+
+
+class NativeLinear(nn.Module):
+    """y = x W^T + bias from weights as stored (rows of `type_code` data, see csrc/kernels.h).
+
+    Float32 in and out; `data` is 2-D with one stored row per output row. The kernel arguments that never
+    change are bound once here, so a call costs one ctypes call and the output's allocation.
+    """
+
+    def __init__(self, type_code: int, data: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None):
+        super().__init__()
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the native kernels are unavailable; use the reference module instead")
+        if data.stride(-1) != 1:
+            data = data.contiguous()
+        self.out_features, self.in_features = shape
+        self.stored_bytes = data.numel() * data.element_size()
+        self.bias = bias
+        self.stored = data  # the kernels read this memory: keep it alive
+        bound = (type_code, data.data_ptr(), data.stride(0) * data.element_size(), *shape)
+        self._matmul = functools.partial(lib.trillm_matmul, *bound)
+        self._decode_all = functools.partial(lib.trillm_decode_rows, *bound, None, shape[0])
+
+    def float_weight(self) -> torch.Tensor:
+        """The whole weight decoded to float32 (out_features, in_features)."""
+        weight = torch.empty(self.out_features, self.in_features)
+        check(self._decode_all(weight.data_ptr()))
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32:
+            x = x.float()
+        tokens_in = x.reshape(-1, self.in_features)
+        tokens = tokens_in.shape[0]
+        if tokens > KERNEL_MAX_TOKENS:
+            y = F.linear(tokens_in, self.float_weight(), self.bias)
+        else:
+            tokens_in = tokens_in.contiguous()
+            y = torch.empty(tokens, self.out_features)
+            code = self._matmul(tokens_in.data_ptr(), tokens, y.data_ptr())
+            if code:
+                check(code)
+            if self.bias is not None:
+                y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class NativeEmbedding(nn.Module):
+    """Rows of a stored matrix looked up by id and decoded to float32; only the looked-up rows are read."""
+
+    def __init__(self, type_code: int, data: torch.Tensor, shape: tuple[int, int]):
+        super().__init__()
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the native kernels are unavailable; use the reference module instead")
+        if data.stride(-1) != 1:
+            data = data.contiguous()
+        self.num_embeddings, self.embedding_dim = shape
+        self.stored = data  # the kernels read this memory: keep it alive
+        bound = (type_code, data.data_ptr(), data.stride(0) * data.element_size(), *shape)
+        self._decode_rows = functools.partial(lib.trillm_decode_rows, *bound)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(flat.numel(), self.embedding_dim)
+        check(self._decode_rows(flat.data_ptr(), flat.numel(), out.data_ptr()))
+        return out.view(*ids.shape, self.embedding_dim)
