@@ -42,6 +42,12 @@ def test_missing_file(tmp_path):
     assert_one_line_error(run_cli("generate", "-m", str(tmp_path / "absent.gguf"), "-p", "hi"), "absent.gguf")
 
 
+def test_hub_repo_without_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no network, deterministically
+    with pytest.raises(CheckpointError, match="cannot download 'someone/absent-model'"):
+        trillm.load("someone/absent-model")
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         trillm.load(tmp_path)

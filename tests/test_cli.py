@@ -1,0 +1,48 @@
+"""The `trillm` command on the default model: each subcommand does what its help says."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def trillm(*args, stdin=""):
+    result = subprocess.run([sys.executable, "-m", "trillm.cli", *args], capture_output=True, text=True,
+                            input=stdin, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_tokenize_marks_special_tokens():
+    lines = trillm("tokenize", "<|im_start|>user\nHello, world!").splitlines()
+    assert lines[0].split() == ["1", "->", "'<|im_start|>'", "(special)"]
+    pieces = [line.split("->")[1].strip() for line in lines]
+    assert "'user'" in pieces and "'Hello'" in pieces
+    assert all("(special)" not in line for line in lines[1:])
+
+
+def test_generate_prints_only_the_continuation():
+    out = trillm("generate", "--raw", "-p", "The capital of France is", "-n", "3", "--temperature", "0")
+    assert out.strip().startswith("Paris")
+
+
+def test_chat_reads_one_message_from_a_pipe():
+    out = trillm("chat", "-n", "16", "--temperature", "0", "--system", "You answer in one word.",
+                 stdin="What color is the sky on a clear day?\n")
+    assert "blue" in out.lower()
+
+
+def test_stop_string_ends_generation():
+    out = trillm("generate", "--raw", "-p", "1, 2, 3, 4, 5,", "-n", "20", "--temperature", "0", "--stop", "8")
+    assert "8" not in out and "7" in out
+
+
+def test_bench_json_reports_speeds():
+    report = json.loads(trillm("bench", "-p", "16", "-n", "4", "-r", "1", "-t", "2", "--json"))
+    ours = report["engines"]["trillm"]
+    assert ours["prefill_tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0
+    assert 50 < ours["weights_mb_per_token"] < 150  # Q4_1 projections + Q8_0 head, about 96 MB
+    assert ours["peak_rss_mb"] > 0

@@ -1,0 +1,86 @@
+"""GGUF llama files written here the way llama.cpp's converter writes them (q/k rows permuted for its
+rope, block-quantized projections): our logits equal transformers' loading the same file."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import trillm
+
+from test_llama import save_random_llama
+
+Q = gguf.GGMLQuantizationType
+
+
+def llama_cpp_rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf order for q/k rows: each head's two halves interleaved."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def write_llama_gguf(path, model, types: dict, tied: bool):
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    state = {name: tensor.float().numpy() for name, tensor in model.state_dict().items()}
+
+    def add(name, array, qtype):
+        if qtype == Q.F32:
+            writer.add_tensor(name, array.astype(np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"], types["embedding"])
+    add("output_norm.weight", state["model.norm.weight"], Q.F32)
+    if not tied:
+        add("output.weight", state["lm_head.weight"], types["embedding"])
+    for i in range(config.num_hidden_layers):
+        hf = f"model.layers.{i}"
+        q = llama_cpp_rope_permute(state[f"{hf}.self_attn.q_proj.weight"], config.num_attention_heads)
+        k = llama_cpp_rope_permute(state[f"{hf}.self_attn.k_proj.weight"], config.num_key_value_heads)
+        add(f"blk.{i}.attn_norm.weight", state[f"{hf}.input_layernorm.weight"], Q.F32)
+        add(f"blk.{i}.attn_q.weight", q, types["attention"])
+        add(f"blk.{i}.attn_k.weight", k, types["attention"])
+        add(f"blk.{i}.attn_v.weight", state[f"{hf}.self_attn.v_proj.weight"], types["attention"])
+        add(f"blk.{i}.attn_output.weight", state[f"{hf}.self_attn.o_proj.weight"], types["attention"])
+        add(f"blk.{i}.ffn_norm.weight", state[f"{hf}.post_attention_layernorm.weight"], Q.F32)
+        add(f"blk.{i}.ffn_gate.weight", state[f"{hf}.mlp.gate_proj.weight"], types["ffn"])
+        add(f"blk.{i}.ffn_up.weight", state[f"{hf}.mlp.up_proj.weight"], types["ffn"])
+        add(f"blk.{i}.ffn_down.weight", state[f"{hf}.mlp.down_proj.weight"], types["ffn"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+CASES = {
+    "q8_0-q4_0-q4_1-gqa2-untied": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=96, tie_word_embeddings=False),
+                                   {"embedding": Q.Q8_0, "attention": Q.Q4_0, "ffn": Q.Q4_1}),
+    "f32-q8_0-gqa1-tied": (dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6,
+                                intermediate_size=160, tie_word_embeddings=True),
+                           {"embedding": Q.F32, "attention": Q.Q8_0, "ffn": Q.Q8_0}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gguf_logits_match_transformers(tmp_path, name):
+    overrides, types = CASES[name]
+    model = save_random_llama(tmp_path / "hf", overrides)
+    write_llama_gguf(tmp_path / "model.gguf", model, types, overrides["tie_word_embeddings"])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(trillm.load(tmp_path / "model.gguf").forward(ids), expected, atol=1e-4, rtol=1e-4)
