@@ -84,3 +84,23 @@ def test_gguf_logits_match_transformers(tmp_path, name):
     with torch.no_grad():
         expected = reference(ids).logits
     torch.testing.assert_close(trillm.load(tmp_path / "model.gguf").forward(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_header_reader_agrees_with_gguf_package():
+    """Our one-pass header parser gives what gguf.GGUFReader gives, on the real SmolLM2 file."""
+    from trillm.checkpoint import default_model_path
+    from trillm.checkpoint.gguf_file import GGUFCheckpoint
+    from trillm.weights.ggml import GGMLTensor
+
+    path = default_model_path()
+    ours, reference = GGUFCheckpoint(path), gguf.GGUFReader(path)
+    expected = {key: field.contents() for key, field in reference.fields.items() if not key.startswith("GGUF.")}
+    assert ours.metadata == expected
+    assert ours.names() == [tensor.name for tensor in reference.tensors]
+    for tensor in reference.tensors[:12]:
+        stored = ours.get(tensor.name)
+        data = stored.data if isinstance(stored, GGMLTensor) else stored
+        assert np.array_equal(data.contiguous().view(torch.uint8).numpy().ravel(),
+                              np.asarray(tensor.data).view(np.uint8).ravel()), tensor.name
+        if isinstance(stored, GGMLTensor):
+            assert stored.type == tensor.tensor_type

@@ -86,6 +86,9 @@ class HFCheckpoint:
         check_shape(path, name, tuple(tensor.shape), shape)
         return tensor
 
+    def release(self, name: str):
+        """Nothing to do: safetensors owns its memory maps (see GGUFCheckpoint.release)."""
+
     def generation_config(self) -> dict:
         path = self.path / "generation_config.json"
         return json.loads(path.read_text()) if path.is_file() else {}

@@ -242,6 +242,8 @@ def load_llama(checkpoint) -> Llama:
         stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
         stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
         blocks.append(Block(config, stored))
+        for key in ("q", "k", "v", "gate", "up"):  # the model keeps its fused copies, not these
+            checkpoint.release(layer_names(i)[key])
 
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
