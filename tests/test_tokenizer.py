@@ -8,11 +8,12 @@ import pytest
 import sentencepiece
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import processors
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from tests.tokenizer_fixtures import (
+from tokenizer_fixtures import (
     CORPUS,
     LLAMA3_PATTERN,
     SMOLLM2_GGUF,
@@ -23,6 +24,7 @@ from tests.tokenizer_fixtures import (
     write_llama3_tiktoken_model,
     write_sentencepiece_gguf,
 )
+from trillm.errors import CheckpointError
 from trillm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 # Special tokens written in text, per vocabulary, each next to ordinary text.
@@ -164,6 +166,10 @@ def test_gguf_sentencepiece_ids_match_transformers(sentencepiece_gguf):
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.stop_ids) == ("<s>", "</s>", {2})
     assert {i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)} == reference_special_ids(reference)
     assert tokenizer.vocab_size == len(reference) == 800
+    # Older files name no unknown token; the UNKNOWN token type alone keeps "<unk>" whole, as in llama.cpp.
+    metadata = gguf_metadata(sentencepiece_gguf)
+    del metadata["tokenizer.ggml.unknown_token_id"]
+    assert tokenizer_from_gguf(metadata).encode("<unk>", add_special_tokens=False) == [0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +224,9 @@ def test_tiktoken_model_special_tokens(llama3, llama3_special_tokens):
     assert llama3.encode("Hi") == [128000, *llama3.encode("Hi", add_special_tokens=False)]
 
 
-def test_tiktoken_model_ids_match_tiktoken_and_transformers(llama3, llama3_folder, llama3_converted, llama3_special_tokens):
+def test_tiktoken_model_ids_match_tiktoken_and_transformers(
+    llama3, llama3_folder, llama3_converted, llama3_special_tokens
+):
     ranks = load_tiktoken_bpe(str(llama3_folder / "tokenizer.model"))
     encoding = tiktoken.Encoding(
         "llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=llama3_special_tokens
@@ -232,8 +240,9 @@ def test_tiktoken_model_ids_match_tiktoken_and_transformers(llama3, llama3_folde
 
 
 def test_gguf_llama3_vocabulary_matches_tiktoken(llama3, llama3_folder, llama3_special_tokens):
-    """A Llama 3 GGUF: the same vocabulary as a "gpt2" one whose `tokenizer.ggml.pre` names the Llama 3
-    split pattern (GPT-2's own pattern would cut numbers and punctuation differently)."""
+    """A Llama 3 GGUF: the same vocabulary as a "gpt2" one whose `tokenizer.ggml.pre` names the Llama 3 split
+    pattern (GPT-2's own would cut numbers differently) and, as in llama.cpp, looks whole words up before
+    merging (transformers' GGUF conversion does not, and cuts the corpus' " việc" into three tokens)."""
     merges = json.loads(llama3.backend.to_str())["model"]["merges"]
     metadata = {
         "general.architecture": "llama",
@@ -265,13 +274,16 @@ def llama3_hf_folder(tmp_path_factory, llama3_converted):
     """Laid out like a Llama 3.1 Instruct repo: BOS from the tokenizer.json template, eos ids listed in
     generation_config.json, the chat template inside tokenizer_config.json."""
     folder = tmp_path_factory.mktemp("llama3_hf")
-    llama3_converted.post_processor = processors.Sequence(
+    backend = BackendTokenizer.from_str(llama3_converted.to_str())
+    backend.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)]),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)]
+            ),
         ]
     )
-    llama3_converted.save(str(folder / "tokenizer.json"))
+    backend.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",
@@ -313,7 +325,7 @@ def test_tokenizer_json_smollm2_folder(tmp_path, smollm2, smollm2_reference):
 def test_tokenizer_json_post_processor_decides_bos(tmp_path, sentencepiece_reference, template_adds_bos, flags):
     """transformers 5 drops add_bos_token/add_eos_token from tokenizer_config.json when a tokenizer.json is
     there: the file's post-processor alone adds BOS (or not)."""
-    backend = sentencepiece_reference.backend_tokenizer
+    backend = BackendTokenizer.from_str(sentencepiece_reference.backend_tokenizer.to_str())
     backend.post_processor = (
         processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)]) if template_adds_bos else None
     )
@@ -326,7 +338,25 @@ def test_tokenizer_json_post_processor_decides_bos(tmp_path, sentencepiece_refer
     assert tokenizer.add_bos == template_adds_bos == (reference.encode("x")[0] == 1)
 
 
-@pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_eos_token": True}, {"add_bos_token": True, "add_eos_token": True}])
+def test_tokenizer_json_named_special_tokens_are_matched_whole(tmp_path, sentencepiece_reference):
+    """A tokenizer.json may hold its BOS/EOS/UNK as plain vocabulary; transformers still matches the
+    tokens the config names whole in text, and calls them special."""
+    tokenizer_json = json.loads(sentencepiece_reference.backend_tokenizer.to_str())
+    tokenizer_json["added_tokens"] = []
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    config["unk_token"] = "<unk>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert_same_ids(tokenizer, reference, ["<s>Hello</s> x <unk>"])
+    assert tokenizer.encode("<s></s><unk>", add_special_tokens=False) == [1, 2, 0]
+    assert all(tokenizer.is_special(i) for i in (0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "flags", [{"add_bos_token": False}, {"add_eos_token": True}, {"add_bos_token": True, "add_eos_token": True}]
+)
 def test_sentencepiece_model_bos_eos_flags_follow_transformers(tmp_path, sentencepiece_model, flags):
     """Without a tokenizer.json, transformers applies the config's flags (a missing one meaning False)."""
     (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model)
@@ -407,18 +437,18 @@ def test_unreadable_files_name_themselves(tmp_path, name, content):
     if name == "tokenizer_config.json":
         (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CheckpointError) as error:
         load_tokenizer(tmp_path)
     message = str(error.value)
     assert str(tmp_path / name) in message and "\n" not in message
 
 
 def test_unsupported_gguf_vocabularies():
-    with pytest.raises(ValueError, match="no vocabulary"):
+    with pytest.raises(CheckpointError, match="no vocabulary"):
         tokenizer_from_gguf({"general.architecture": "llama"})
-    with pytest.raises(ValueError, match="'t5'"):
+    with pytest.raises(CheckpointError, match="'t5'"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})
-    with pytest.raises(ValueError, match="gemma3"):
+    with pytest.raises(CheckpointError, match="gemma3"):
         tokenizer_from_gguf(
             {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}
         )

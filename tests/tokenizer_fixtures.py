@@ -25,6 +25,7 @@ CORPUS = [
     "def add(a, b):\n    return a + b  # sum\n\nclass Point:\n\tx: int = 0\n",
     'if (x != y) { printf("%d\\n", x[i++]); } // C',
     "Café naïve résumé façade Ångström Øre",
+    "Tiếng Việt: nhiều việc hợp lý, điều đó",
     "日本語のテキストです。中文文本，你好！한국어 텍스트",
     "Emoji 😀🎉 and a family 👨‍👩‍👧 flag 🇫🇷",
     "Numbers 0 7 42 123 1234 12345678 3.14159 -2.5e10 1,000,000",

@@ -39,6 +39,8 @@ class TrillmRunner:
         self.weight_bytes = weights_read_per_token(self.model.network)
 
     def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
+        from trillm.engine import torch_threads
+
         torch, network = self.torch, self.model.network
         with torch.inference_mode():
             cache = network.new_cache(1, len(prompt) + n_gen + 1)
@@ -46,8 +48,9 @@ class TrillmRunner:
             token = int(network(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1].argmax())
             prefill = time.perf_counter() - start
             start = time.perf_counter()
-            for position in range(len(prompt), len(prompt) + n_gen):
-                token = int(network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1].argmax())
+            with torch_threads(1):  # as the engine decodes
+                for position in range(len(prompt), len(prompt) + n_gen):
+                    token = int(network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1].argmax())
             decode = time.perf_counter() - start
         return prefill, decode
 
@@ -158,7 +161,8 @@ def worker_main(engine: str, model_source: str, dtype: str, n_prompt: int, n_gen
 class Worker:
     def __init__(self, engine: str, args, threads: int):
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads),
-                   MKL_NUM_THREADS=str(threads), TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+                   MKL_NUM_THREADS=str(threads), TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
         command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
                    str(args.n_prompt), str(args.n_gen)]
         self.engine = engine

@@ -5,6 +5,7 @@ top-k, top-p, min-p). A `Session` keeps the KV cache between calls, so a chat on
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,21 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run torch ops on n threads inside the block.
+
+    A decode step is ~150 tiny torch ops around the native matmuls (which have their own threads);
+    waking a second torch thread for each costs more than the op, so decoding runs torch on one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @torch.inference_mode()
 def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stop_ids: set[int],
                  max_context: int, session: Session | None = None) -> Iterator[int]:
@@ -109,7 +125,8 @@ def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: 
         position = len(session.tokens)
         if position + len(pending) > max_context:
             return  # the context is full
-        logits = network(torch.tensor([pending]), session.cache, position, last_only=True)[0, -1]
+        with torch_threads(torch.get_num_threads() if len(pending) > 1 else 1):
+            logits = network(torch.tensor([pending]), session.cache, position, last_only=True)[0, -1]
         session.tokens.extend(pending)
         token = sample_next(logits, sampling, generator, history)
         if token in stop_ids:

@@ -3,21 +3,24 @@
 Each format becomes one `tokenizers.Tokenizer` (the Rust library transformers itself runs), assembled the
 way transformers 5 assembles it, so the ids equal `AutoTokenizer`'s for the same files:
 
-- tokenizer.json: read as it is; BOS/EOS follow tokenizer_config.json as transformers'
-  `TokenizersBackend.update_post_processor` applies it.
+- tokenizer.json: read as it is, its post-processor deciding BOS/EOS (transformers 5 ignores the
+  config's add_bos_token then); token names from tokenizer_config.json.
 - GGUF vocabularies: transformers' `integrations/gguf/gguf_tokenizer_mapping.py`, which reads
   llama.cpp's conventions (`llama-vocab.cpp`): token types, the split regex named by
-  `tokenizer.ggml.pre`, BOS added by default for SentencePiece vocabularies.
+  `tokenizer.ggml.pre`, BOS added by default for SentencePiece vocabularies. One departure, for Llama 3
+  style vocabularies: whole words are looked up before merging, as llama.cpp and tiktoken do.
 - SentencePiece `tokenizer.model` (Llama 2): transformers' `LlamaTokenizer` built from
-  `SentencePieceExtractor`; the proto is parsed with the schema sentencepiece ships.
+  `SentencePieceExtractor`, with BOS/EOS flags from the config (applied as transformers'
+  `update_post_processor` does); the proto is parsed with the schema sentencepiece ships.
 - tiktoken `tokenizer.model` (Llama 3): transformers' `TikTokenConverter`, with the split pattern and
   the 256 special tokens of Meta's Llama 3.1 `tokenizer.py`.
+- A tokenizer.model without add_bos_token in a config gets BOS, as in Meta's code and llama.cpp
+  (transformers would add none).
 
 Streaming detokenization is the library's `DecodeStream`.
 """
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Iterable
@@ -27,6 +30,8 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
+
+from trillm.errors import CheckpointError
 
 # Token types, numbered alike in SentencePiece protos and GGUF `tokenizer.ggml.token_type`.
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
@@ -83,6 +88,13 @@ GGUF_SPLIT_PATTERNS = {
     **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], GPT4O_SPLIT),
 }
 
+# Vocabularies whose own tokenizer (tiktoken for Llama 3) takes a whole pre-token found in the vocabulary
+# before merging: llama.cpp's list (llama-vocab.cpp, `ignore_merges = true`). transformers' GGUF conversion
+# omits this and cuts e.g. " việc" into three tokens where Llama 3 has one; we follow Llama 3 and llama.cpp.
+GGUF_WHOLE_WORD_FIRST = {
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"
+}
+
 # Meta's Llama 3.1 tokenizer.py: 256 special tokens follow the ranks, these first, reserved ones after.
 LLAMA3_NAMED_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -118,8 +130,8 @@ class Tokenizer:
         other_special_tokens: Iterable[str | None] = (),
         other_stop_ids: Iterable[int] = (),
     ):
-        """`add_bos`/`add_eos` None (both) keeps the backend's own post-processor, as transformers does
-        when tokenizer_config.json does not set them; otherwise BOS/EOS are added as they say."""
+        """`add_bos` and `add_eos` both None keep the backend's own post-processor (a tokenizer.json's);
+        otherwise BOS and EOS are added as they say, a None one meaning no."""
         self.backend = backend
         # An engine must see the whole prompt: a length limit or padding in a tokenizer.json is for training.
         backend.no_truncation()
@@ -201,7 +213,9 @@ class StreamDecoder:
 
 def load_tokenizer(folder: str | Path) -> Tokenizer | None:
     """The tokenizer of a model folder: tokenizer.json, else tokenizer.model (SentencePiece or
-    tiktoken, told apart by content); None when the folder has neither."""
+    tiktoken, told apart by content); None when the folder has neither. Special tokens and flags come
+    from tokenizer_config.json (then special_tokens_map.json), extra end-of-turn ids from
+    generation_config.json, the chat template from chat_template.jinja or the config."""
     folder = Path(folder)
     config = _read_json(folder / "tokenizer_config.json")
     special_tokens_map = _read_json(folder / "special_tokens_map.json")
@@ -251,14 +265,15 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
 
 
 def _read_tokenizer_json(path: Path) -> BackendTokenizer:
     try:
         return BackendTokenizer.from_file(str(path))
     except Exception as error:  # the Rust side raises a bare Exception with a serde message
-        raise ValueError(f"{path}: not a tokenizers file ({str(error).splitlines()[0]})") from error
+        reason = str(error).partition("\n")[0]
+        raise CheckpointError(f"{path}: not a tokenizers file ({reason})") from error
 
 
 def _chat_template(folder: Path, config: dict) -> str | None:
@@ -288,13 +303,13 @@ def _tiktoken_backend(path: Path) -> BackendTokenizer:
         try:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except (ValueError, binascii.Error) as error:
-            raise ValueError(f"{path}: line {number} is not `base64 rank` ({error})") from error
+        except ValueError as error:  # binascii.Error is one too
+            raise CheckpointError(f"{path}: line {number} is not `base64 rank` ({error})") from error
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}")
+        raise CheckpointError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}")
 
     # latin-1 turns each byte into the character with that code, which the byte spelling then maps.
-    spelling = gpt2_byte_spelling()
+    spelling = _gpt2_byte_spelling()
     spelled = {token: token.decode("latin-1").translate(spelling) for token in ranks}
     vocab = {spelled[token]: rank for token, rank in ranks.items()}
     merges = [(spelled[left], spelled[right]) for left, right in _tiktoken_merges(ranks)]
@@ -322,6 +337,7 @@ def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 def _sentencepiece_model_backend(path: Path, config: dict) -> tuple[BackendTokenizer, str | None, str | None]:
     """Llama 2's SentencePiece tokenizer.model, with its BOS and EOS pieces."""
+    # Imported here: protobuf (which sentencepiece's schema needs) serves only this format.
     from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
@@ -329,13 +345,15 @@ def _sentencepiece_model_backend(path: Path, config: dict) -> tuple[BackendToken
     try:
         model.ParseFromString(path.read_bytes())
     except DecodeError as error:
-        raise ValueError(f"{path}: neither a SentencePiece model nor a tiktoken file ({error})") from error
-    if model.trainer_spec.model_type != model.trainer_spec.BPE or not model.pieces:
-        raise ValueError(f"{path}: only SentencePiece BPE models (Llama's) are supported")
+        raise CheckpointError(f"{path}: neither a SentencePiece model nor a tiktoken file ({error})") from error
+    if not model.pieces:
+        raise CheckpointError(f"{path}: neither a SentencePiece model nor a tiktoken file (no pieces)")
+    if model.trainer_spec.model_type != model.trainer_spec.BPE:
+        raise CheckpointError(f"{path}: a SentencePiece model, but only BPE ones (Llama's) are supported")
 
     pieces = [piece.piece for piece in model.pieces]
     # transformers' SentencePieceExtractor orders these merges by token id, not by score.
-    merges = sentencepiece_merges({piece: index for index, piece in enumerate(pieces)})
+    merges = _sentencepiece_merges({piece: index for index, piece in enumerate(pieces)})
     prepend_scheme = "first"  # transformers' LlamaTokenizer: legacy=False unless the config says so
     if not config.get("add_prefix_space", True):
         prepend_scheme = "never"
@@ -358,7 +376,7 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     tokens = metadata.get("tokenizer.ggml.tokens")
     architecture = metadata.get("general.architecture")
     if kind is None or tokens is None:
-        raise ValueError("GGUF metadata holds no vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
+        raise CheckpointError("GGUF metadata holds no vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = metadata.get("tokenizer.ggml.merges")
     merges = [tuple(merge.split(" ")) for merge in merges] if merges is not None else None
@@ -366,12 +384,14 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     if kind == "gpt2":
         backend = _gguf_byte_level_backend(tokens, types, merges or [], metadata.get("tokenizer.ggml.pre"))
     elif kind == "llama" and architecture not in GGUF_SENTENCEPIECE_VARIANTS:
-        vocab = {token: index for index, token in enumerate(tokens)}
-        if merges is None:
-            merges = sentencepiece_merges(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
+        if merges is None:  # llama.cpp's converter stores scores, not merges, for SentencePiece vocabularies
+            if "tokenizer.ggml.scores" not in metadata:
+                raise CheckpointError("GGUF SentencePiece vocabulary has neither merges nor scores")
+            vocab = {token: index for index, token in enumerate(tokens)}
+            merges = _sentencepiece_merges(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
         backend = _sentencepiece_backend(tokens, types, merges, prepend_scheme="first")
     else:
-        raise ValueError(
+        raise CheckpointError(
             f"GGUF tokenizer {kind!r} for architecture {architecture!r} is not supported "
             "(trillm reads 'gpt2' vocabularies and Llama-style 'llama' ones)"
         )
@@ -396,14 +416,14 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
 
 def _gguf_byte_level_backend(tokens: list[str], types: list[int], merges: list, pre: str | None) -> BackendTokenizer:
     """A GGUF "gpt2" vocabulary: byte-level BPE, split by the pattern `tokenizer.ggml.pre` names."""
-    spelling = gpt2_byte_spelling()
+    spelling = _gpt2_byte_spelling()
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet; one that is not (a user-defined "\n\n", say) is respelled.
     vocab = {
         token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
         for index, token in enumerate(tokens)
     }
-    backend = _byte_level_backend(vocab, merges, GGUF_SPLIT_PATTERNS.get(pre), ignore_merges=False)
+    backend = _byte_level_backend(vocab, merges, GGUF_SPLIT_PATTERNS.get(pre), pre in GGUF_WHOLE_WORD_FIRST)
     # A control token spelled outside the byte alphabet is a llama.cpp mislabel; transformers skips it.
     control = [t for t, kind in zip(tokens, types) if kind == CONTROL and set(t) <= alphabet]
     user_defined = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab]
@@ -451,7 +471,7 @@ def _sentencepiece_backend(pieces: list[str], types: list[int], merges: list, pr
     return backend
 
 
-def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
+def _sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """The merges a SentencePiece vocabulary implies, in transformers' `generate_merges` order: every split
     of a token into two tokens, ranked by the token's score (highest first) or, without scores, by its id;
     ties by the parts' lengths."""
@@ -464,7 +484,7 @@ def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float] | None 
     return [(left, right) for left, right, _ in merges]
 
 
-def gpt2_byte_spelling() -> dict[int, str]:
+def _gpt2_byte_spelling() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (openai/gpt-2 `bytes_to_unicode`)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     spelling = {byte: chr(byte) for byte in printable}

@@ -46,17 +46,20 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for these positions, (T, head_dim), the half-frequencies repeated twice."""
+    """cos and sin tables for these positions, each (T, 1, head_dim), ready for `apply_rope`.
+
+    Channel i pairs with channel i + head_dim/2; the sine table carries the rotation's sign
+    (-sin for the first half, +sin for the second) so that applying it takes four ops.
+    """
     angles = torch.outer(positions.float(), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) of x (B, T, heads, head_dim) by the position angles."""
-    first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat((-second, first), dim=-1)
-    return x * cos[:, None, :] + rotated_half * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + head_dim/2) of x (B, T, heads, head_dim) by the position angles:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) with the sign in the table."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:

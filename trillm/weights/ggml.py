@@ -214,6 +214,6 @@ class ReferenceGGMLEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.data[ids.reshape(-1)]
+        rows = F.embedding(ids.reshape(-1), self.weight.data)  # raises for ids out of range, as the kernel does
         decoded = dequantize_ggml(GGMLTensor(self.weight.type, rows, (rows.shape[0], self.embedding_dim)))
         return decoded.view(*ids.shape, self.embedding_dim)

@@ -22,7 +22,7 @@ from torch import nn
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 COMPILER = "gcc"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 
 # Up to this many tokens (decoding, short prompts) a matmul runs the kernel, which reads each weight once
 # per call; longer inputs (prefill) decode the weights to float32 once and use torch's matmul.
@@ -40,13 +40,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trillm" / "native"
 
 
-def build() -> Path:
+def build(flags: list[str] = FLAGS) -> Path:
     """Compile the sources unless the cache already holds this exact build; return the library's path."""
-    sources = sorted(SOURCE_DIR.glob("*.c"))
-    # The predefined macros name the compiler version and every instruction set -march=native enables.
-    target = subprocess.run([COMPILER, *FLAGS, "-E", "-dM", "-x", "c", "-"], input="", capture_output=True,
+    # The predefined macros name the compiler version and every instruction set the flags enable.
+    target = subprocess.run([COMPILER, *flags, "-E", "-dM", "-x", "c", "-"], input="", capture_output=True,
                             text=True, check=True).stdout
-    key = hashlib.sha256(" ".join(FLAGS).encode() + target.encode())
+    key = hashlib.sha256((" ".join(flags) + target).encode())
     for path in sorted(SOURCE_DIR.glob("*.[ch]")):
         key.update(path.name.encode() + path.read_bytes())
     library = cache_dir() / f"trillm-{key.hexdigest()[:16]}.so"
@@ -56,8 +55,9 @@ def build() -> Path:
         handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(handle)
         try:
-            subprocess.run([COMPILER, *FLAGS, *map(str, sources), "-o", partial, "-lm"], capture_output=True,
-                           text=True, check=True)
+            sources = [str(path) for path in sorted(SOURCE_DIR.glob("*.c"))]
+            subprocess.run([COMPILER, *flags, *sources, "-o", partial, "-lm"], capture_output=True, text=True,
+                           check=True)
             os.replace(partial, library)
         finally:
             if os.path.exists(partial):
@@ -65,21 +65,8 @@ def build() -> Path:
     return library
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    """The kernel library, or None (after one warning) when it cannot be built or TRILLM_NATIVE=0."""
-    if os.environ.get("TRILLM_NATIVE", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except subprocess.CalledProcessError as error:
-        first_line = next((line for line in error.stderr.splitlines() if "error" in line), error.stderr.strip())
-        log.warning("trillm: could not compile the native kernels (%s); using the slow PyTorch reference",
-                    first_line[:200])
-        return None
-    except OSError as error:  # no gcc, an unwritable cache, or a library that does not load
-        log.warning("trillm: native kernels unavailable (%s); using the slow PyTorch reference", error)
-        return None
+def open_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.trillm_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.trillm_decode_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -89,6 +76,22 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None (after one warning) when it cannot be built or TRILLM_NATIVE=0."""
+    if os.environ.get("TRILLM_NATIVE", "1") == "0":
+        return None
+    try:
+        return open_library(build())
+    except subprocess.CalledProcessError as error:
+        first_error = next((line for line in error.stderr.splitlines() if "error" in line), error.stderr.strip())
+        log.warning("trillm: could not compile the native kernels (%s); using the slow PyTorch reference",
+                    first_error[:200])
+    except OSError as error:  # no gcc, an unwritable cache, or a library that does not load
+        log.warning("trillm: native kernels unavailable (%s); using the slow PyTorch reference", error)
+    return None
+
+
 def check(code: int):
     """Raise for a nonzero return code of a kernel entry point."""
     if code:
@@ -96,7 +99,7 @@ def check(code: int):
 
 
 def set_num_threads(n: int):
-    """OpenMP threads the kernels use (torch keeps its own setting: torch.set_num_threads)."""
+    """Threads the kernels split large matmuls over (csrc/pool.c); torch keeps its own setting."""
     lib = load()
     if lib is not None:
         lib.trillm_set_num_threads(int(n))
@@ -131,21 +134,20 @@ class NativeLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is not torch.float32:
-            x = x.float()
-        tokens_in = x.reshape(-1, self.in_features)
-        tokens = tokens_in.shape[0]
+        if x.shape[-1] != self.in_features:  # the kernel would read past x
+            raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        tokens = x.numel() // self.in_features
         if tokens > KERNEL_MAX_TOKENS:
-            y = F.linear(tokens_in, self.float_weight(), self.bias)
-        else:
-            tokens_in = tokens_in.contiguous()
-            y = torch.empty(tokens, self.out_features)
-            code = self._matmul(tokens_in.data_ptr(), tokens, y.data_ptr())
-            if code:
-                check(code)
-            if self.bias is not None:
-                y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+            return F.linear(x, self.float_weight(), self.bias)
+        y = torch.empty((*x.shape[:-1], self.out_features))
+        code = self._matmul(x.data_ptr(), tokens, y.data_ptr())
+        if code:
+            check(code)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
 
 class NativeEmbedding(nn.Module):

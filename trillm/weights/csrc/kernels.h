@@ -49,6 +49,13 @@ struct row_kernels {
 int dense_kernels(int type, struct row_kernels *k);
 int ggml_kernels(int type, struct row_kernels *k);
 
+/* pool.c: run(arg, chunk, chunks) for every chunk of a job, spread over `threads` threads, the caller
+ * included. With linger the workers spin a while afterwards, waiting for the next job; without, they
+ * sleep at once (so they do not compete with torch's threads for the cores). */
+typedef void chunk_fn(void *arg, int chunk, int chunks);
+void run_parallel(chunk_fn *run, void *arg, int threads, int linger);
+int pool_threads(void);
+
 /* ---- Scalars ----------------------------------------------------------------------------------- */
 
 static ALWAYS_INLINE float fp16_to_float(uint16_t h) {

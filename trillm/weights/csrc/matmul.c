@@ -1,58 +1,72 @@
 /* The functions trillm/weights/native.py calls through ctypes: find a weight type's row kernels (dense.c,
- * ggml.c) and split the rows over OpenMP threads. All return 0, or a negative code Python turns into
- * an error: -1 for a type without kernels, -2 for a row index out of range.
+ * ggml.c) and split the rows over the thread pool (pool.c). All return 0, or a negative code Python turns
+ * into an error: -1 for a type without kernels, -2 for a row index out of range.
  */
-#include <omp.h>
-
 #include "kernels.h"
 
-/* Below this many weight bytes the calling thread works alone: waking the others costs more than they
- * save on a matrix that small. */
-#define PARALLEL_MIN_BYTES (64 * 1024)
+/* Below this many weight bytes the calling thread works alone: handing out a job costs about a
+ * microsecond, more than a second thread saves on a matrix this small. */
+#define PARALLEL_MIN_BYTES (32 * 1024)
 
-static int thread_count; /* 0: OpenMP's default */
+static int threads_for(int64_t bytes) { return bytes < PARALLEL_MIN_BYTES ? 1 : pool_threads(); }
 
-void trillm_set_num_threads(int n) { thread_count = n; }
+struct matmul_call {
+    struct row_kernels kernels;
+    struct matmul_job job;
+    int64_t rows, tokens;
+};
 
-static int find_kernels(int type, struct row_kernels *k) { return dense_kernels(type, k) || ggml_kernels(type, k); }
-
-static int threads_for(int64_t bytes) {
-    if (bytes < PARALLEL_MIN_BYTES)
-        return 1;
-    return thread_count > 0 ? thread_count : omp_get_max_threads();
+/* One chunk of the rows, for every pass of MAX_TOKENS tokens. */
+static void matmul_chunk(void *arg, int chunk, int chunks) {
+    const struct matmul_call *call = arg;
+    int64_t r0 = call->rows * chunk / chunks, r1 = call->rows * (chunk + 1) / chunks;
+    for (int64_t t = 0; t < call->tokens; t += MAX_TOKENS) {
+        struct matmul_job job = call->job;
+        job.x += t * job.cols;
+        job.y += t * call->rows;
+        job.tokens = call->tokens - t < MAX_TOKENS ? (int)(call->tokens - t) : MAX_TOKENS;
+        call->kernels.matmul_rows(&job, r0, r1);
+    }
 }
 
-/* y = x W^T: x is (tokens, cols), y is (tokens, rows), W has rows of row_bytes stored bytes. Each thread
- * takes one contiguous slice of the rows, and reads it once per MAX_TOKENS tokens. */
+/* y = x W^T: x is (tokens, cols), y is (tokens, rows), W has rows of row_bytes stored bytes. Rows are
+ * split in contiguous chunks, each read once per MAX_TOKENS tokens. */
 int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
                   int64_t tokens, float *y) {
-    struct row_kernels k;
-    if (!find_kernels(type, &k))
+    struct matmul_call call = {.job = {w, row_bytes, cols, x, 0, y, rows}, .rows = rows, .tokens = tokens};
+    if (!dense_kernels(type, &call.kernels) && !ggml_kernels(type, &call.kernels))
         return -1;
-#pragma omp parallel num_threads(threads_for(rows * row_bytes))
-    {
-        int threads = omp_get_num_threads(), me = omp_get_thread_num();
-        int64_t r0 = rows * me / threads, r1 = rows * (me + 1) / threads;
-        for (int64_t t = 0; t < tokens; t += MAX_TOKENS) {
-            int pass = tokens - t < MAX_TOKENS ? (int)(tokens - t) : MAX_TOKENS;
-            struct matmul_job job = {w, row_bytes, cols, x + t * cols, pass, y + t * rows, rows};
-            k.matmul_rows(&job, r0, r1);
-        }
-    }
+    run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
     return 0;
 }
 
-/* Decode rows to float32 out (n, cols): rows ids[0..n) or, when ids is NULL, all n rows. */
+struct decode_call {
+    struct row_kernels kernels;
+    const uint8_t *w;
+    int64_t row_bytes, cols, n;
+    const int64_t *ids;
+    float *out;
+};
+
+static void decode_chunk(void *arg, int chunk, int chunks) {
+    const struct decode_call *call = arg;
+    for (int64_t i = call->n * chunk / chunks; i < call->n * (chunk + 1) / chunks; i++) {
+        int64_t row = call->ids ? call->ids[i] : i;
+        call->kernels.decode_row(call->w + row * call->row_bytes, call->cols, call->out + i * call->cols);
+    }
+}
+
+/* Decode rows to float32 out (n, cols): rows ids[0..n) (an embedding lookup, part of a decode step) or,
+ * when ids is NULL, all n rows (a whole weight, for a prefill matmul in torch that follows at once, so
+ * the workers should not linger and compete with torch's threads). */
 int trillm_decode_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols,
                        const int64_t *ids, int64_t n, float *out) {
-    struct row_kernels k;
-    if (!find_kernels(type, &k))
+    struct decode_call call = {.w = w, .row_bytes = row_bytes, .cols = cols, .n = n, .ids = ids, .out = out};
+    if (!dense_kernels(type, &call.kernels) && !ggml_kernels(type, &call.kernels))
         return -1;
     for (int64_t i = 0; ids && i < n; i++)
         if (ids[i] < 0 || ids[i] >= rows)
             return -2;
-#pragma omp parallel for num_threads(threads_for(n * row_bytes)) schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        k.decode_row(w + (ids ? ids[i] : i) * row_bytes, cols, out + i * cols);
+    run_parallel(decode_chunk, &call, threads_for(n * row_bytes), ids != NULL);
     return 0;
 }

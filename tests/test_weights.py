@@ -1,0 +1,275 @@
+"""Weight formats and their kernels: our reference decoders equal the gguf package's numpy dequantizer;
+every native kernel (as built here, and built for AVX2 and for plain C) equals its reference twin on
+awkward shapes and token counts; embeddings, fused rows, and the fallback without native kernels."""
+
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from trillm.weights import can_concat_rows, concat_rows, make_embedding, make_linear, native
+from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear
+from trillm.weights.ggml import (
+    BLOCK_LAYOUTS,
+    GGMLEmbedding,
+    GGMLLinear,
+    GGMLTensor,
+    ReferenceGGMLEmbedding,
+    ReferenceGGMLLinear,
+    dequantize_ggml,
+)
+
+Q = GGMLQuantizationType
+GGML_TYPES = list(BLOCK_LAYOUTS)
+QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # the types gguf.quants.quantize implements
+FP16_FIELDS = {  # byte offsets of each block's fp16 scales (and mins)
+    Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2],
+    Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+}
+DENSE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+requires_native = pytest.mark.skipif(native.load() is None, reason="the native kernels could not be built")
+
+
+def random_ggml(qtype, rows: int, cols: int, seed: int = 0) -> GGMLTensor:
+    """Random bytes for every field, with fp16 scales in a sane range (random bits could be inf or NaN)."""
+    block_elems, block_bytes = BLOCK_LAYOUTS[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // block_elems, block_bytes), dtype=np.uint8)
+    for offset in FP16_FIELDS[qtype]:
+        scales = rng.uniform(-0.05, 0.05, size=len(blocks)).astype(np.float16)
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return GGMLTensor(qtype, torch.from_numpy(blocks.reshape(rows, -1)), (rows, cols))
+
+
+def quantized_ggml(qtype, rows: int, cols: int, seed: int = 0) -> GGMLTensor:
+    values = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return GGMLTensor(qtype, torch.from_numpy(gguf.quants.quantize(values, qtype)), (rows, cols))
+
+
+def columns_for(qtype) -> int:
+    return 3 * BLOCK_LAYOUTS[qtype][0]  # an odd number of blocks
+
+
+def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """Equal up to float32 summation order: 1e-5 of the largest sum of |w| |x| a row could reach."""
+    scale = (x.abs().reshape(-1, x.shape[-1]).double() @ weight.abs().double().T).max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """Lets a test change how the library loads; the real one is loaded again afterwards."""
+    native.load.cache_clear()
+    yield
+    monkeypatch.undo()
+    native.load.cache_clear()
+
+
+# ---- Layouts and reference decoders -------------------------------------------------------------
+
+def test_block_layouts_match_gguf():
+    for qtype, layout in BLOCK_LAYOUTS.items():
+        assert layout == gguf.GGML_QUANT_SIZES[qtype], qtype.name
+
+
+@pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
+def test_reference_decoder_equals_gguf(qtype):
+    weights = [random_ggml(qtype, 5, 2 * BLOCK_LAYOUTS[qtype][0])]
+    if qtype in QUANTIZABLE:
+        weights.append(quantized_ggml(qtype, 5, 64))
+    for weight in weights:
+        expected = torch.from_numpy(gguf.quants.dequantize(weight.data.numpy(), qtype))
+        torch.testing.assert_close(dequantize_ggml(weight), expected, rtol=0, atol=0)
+
+
+def test_unsupported_or_inconsistent_ggml_is_refused():
+    with pytest.raises(ValueError, match="Q2_K is not supported"):
+        make_linear(GGMLTensor(Q.Q2_K, torch.zeros(4, 84, dtype=torch.uint8), (4, 256)))
+    with pytest.raises(ValueError, match="needs uint8 data of shape"):
+        make_linear(GGMLTensor(Q.Q8_0, torch.zeros(4, 33, dtype=torch.uint8), (4, 32)))
+
+
+# ---- Native kernels against their reference twins -----------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+@pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
+def test_ggml_linear_equals_reference(qtype, tokens):
+    cols = columns_for(qtype)
+    for rows in (7, 33, 100):
+        weight = random_ggml(qtype, rows, cols, seed=rows)
+        x = torch.randn(tokens, cols)
+        native_layer, reference = GGMLLinear(weight), ReferenceGGMLLinear(weight)
+        assert (native_layer.in_features, native_layer.out_features) == (cols, rows)
+        assert native_layer.stored_bytes == weight.data.numel()
+        assert_matmul_close(native_layer(x), reference(x), x, dequantize_ggml(weight))
+
+
+@requires_native
+@pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
+def test_kernel_takes_many_tokens_in_passes(qtype, monkeypatch):
+    monkeypatch.setattr(native, "KERNEL_MAX_TOKENS", 1000)  # no prefill path: 20 tokens in 3 kernel passes
+    weight = random_ggml(qtype, 33, columns_for(qtype))
+    x = torch.randn(2, 10, weight.shape[1])  # leading dimensions are kept
+    y = GGMLLinear(weight)(x)
+    assert y.shape == (2, 10, 33)
+    assert_matmul_close(y, ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
+
+
+@requires_native
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
+def test_threads_split_rows_without_changing_results(qtype):
+    weight = random_ggml(qtype, 1001, 512)  # large enough to be split over threads
+    x = torch.randn(3, 512)
+    layer = GGMLLinear(weight)
+    outputs = []
+    for threads in (1, 2, 3):
+        native.set_num_threads(threads)
+        outputs.append(layer(x))
+    native.set_num_threads(0)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert_matmul_close(outputs[0], ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
+
+
+@requires_native
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+@pytest.mark.parametrize("dtype", DENSE_DTYPES, ids=str)
+def test_dense_linear_equals_reference(dtype, tokens):
+    for rows, cols in ((7, 90), (33, 130), (100, 576)):  # columns that leave a tail after the vectors
+        weight = torch.randn(rows, cols).to(dtype)
+        x = torch.randn(tokens, cols)
+        layer = DenseLinear(weight)
+        assert layer.weight.dtype == dtype  # kept as stored, not upcast
+        assert layer.stored_bytes == weight.numel() * weight.element_size()
+        assert_matmul_close(layer(x), ReferenceDenseLinear(weight)(x), x, weight.float())
+
+
+@requires_native
+def test_dense_linear_reads_strided_rows_and_adds_bias():
+    storage = torch.randn(40, 200)
+    weight, bias = storage[:, 10:150], torch.randn(40)  # rows 200 floats apart
+    x = torch.randn(2, 140)
+    assert_matmul_close(DenseLinear(weight, bias)(x), torch.nn.functional.linear(x, weight, bias), x, weight)
+
+
+# ---- Embeddings and fused rows ----------------------------------------------------------------------
+
+@requires_native
+@pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
+def test_ggml_embedding_decodes_looked_up_rows(qtype):
+    weight = random_ggml(qtype, 50, columns_for(qtype))
+    ids = torch.tensor([[3, 0, 49], [3, 17, 1]])
+    expected = dequantize_ggml(weight)[ids]
+    assert torch.equal(GGMLEmbedding(weight)(ids), expected)
+    assert torch.equal(ReferenceGGMLEmbedding(weight)(ids), expected)
+    for bad_id in (50, -1):
+        with pytest.raises(IndexError):
+            GGMLEmbedding(weight)(torch.tensor([bad_id]))
+        with pytest.raises(IndexError):
+            ReferenceGGMLEmbedding(weight)(torch.tensor([bad_id]))
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DENSE_DTYPES, ids=str)
+def test_dense_embedding_and_whole_matrix_decode(dtype):
+    weight = torch.randn(50, 90).to(dtype)
+    ids = torch.tensor([[3, 0, 49], [3, 17, 1]])
+    embedding = make_embedding(weight)
+    assert isinstance(embedding, DenseEmbedding) and embedding.weight.dtype == dtype
+    assert torch.equal(embedding(ids), weight.float()[ids])
+    assert torch.equal(DenseLinear(weight).float_weight(), weight.float())
+
+
+@requires_native
+def test_concat_rows_fuses_ggml_and_dense_weights():
+    q, k, v = (random_ggml(Q.Q4_1, rows, 64, seed=rows) for rows in (12, 4, 4))
+    fused = concat_rows([q, k, v])
+    assert fused.type == Q.Q4_1 and fused.shape == (20, 64)
+    x = torch.randn(2, 64)
+    separate = torch.cat([make_linear(w)(x) for w in (q, k, v)], dim=-1)
+    assert torch.equal(make_linear(fused)(x), separate)
+
+    gate, up = torch.randn(6, 90, dtype=torch.bfloat16), torch.randn(6, 90, dtype=torch.bfloat16)
+    assert torch.equal(concat_rows([gate, up]), torch.cat([gate, up]))
+
+    assert not can_concat_rows([q, random_ggml(Q.Q8_0, 4, 64)])
+    with pytest.raises(ValueError, match="formats and columns must match"):
+        concat_rows([q, random_ggml(Q.Q4_1, 4, 96)])
+    with pytest.raises(ValueError, match="formats and columns must match"):
+        concat_rows([gate, up.float()])
+
+
+# ---- Without native kernels ----------------------------------------------------------------------
+
+@requires_native
+def test_factory_falls_back_to_reference_twins(fresh_native, monkeypatch):
+    quantized, dense = random_ggml(Q.Q4_K, 33, 256), torch.randn(33, 90, dtype=torch.float16)
+    ids = torch.tensor([0, 5, 32])
+    x_quantized, x_dense = torch.randn(3, 256), torch.randn(3, 90)
+    native_outputs = [make_linear(quantized)(x_quantized), make_linear(dense)(x_dense),
+                      make_embedding(quantized)(ids)]
+
+    monkeypatch.setenv("TRILLM_NATIVE", "0")
+    native.load.cache_clear()
+    layers = [make_linear(quantized), make_linear(dense), make_embedding(quantized)]
+    assert [type(layer) for layer in layers] == [ReferenceGGMLLinear, ReferenceDenseLinear, ReferenceGGMLEmbedding]
+    assert_matmul_close(layers[0](x_quantized), native_outputs[0], x_quantized, dequantize_ggml(quantized))
+    assert_matmul_close(layers[1](x_dense), native_outputs[1], x_dense, dense.float())
+    assert torch.equal(layers[2](ids), native_outputs[2])
+
+
+def test_missing_compiler_warns_once_and_falls_back(fresh_native, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TRILLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "COMPILER", "no-such-gcc")
+    with caplog.at_level(logging.WARNING, logger="trillm"):
+        assert native.load() is None
+        assert native.load() is None
+        assert isinstance(make_linear(random_ggml(Q.Q8_0, 4, 32)), ReferenceGGMLLinear)
+    assert len(caplog.records) == 1 and "native kernels unavailable" in caplog.text
+
+
+def test_compile_error_warns_with_the_error(fresh_native, monkeypatch, tmp_path, caplog):
+    (tmp_path / "broken.c").write_text("int broken = ;\n")
+    monkeypatch.setenv("TRILLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="trillm"):
+        assert native.load() is None
+    assert "could not compile the native kernels" in caplog.text and "error" in caplog.text
+    assert not list((tmp_path / "cache" / "native").iterdir())  # no partial library left behind
+
+
+# ---- The same kernels built for smaller instruction sets --------------------------------------------
+
+def cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("march", [
+    pytest.param("haswell", marks=pytest.mark.skipif(not cpu_has("avx2"), reason="no AVX2 here")),
+    "x86-64",  # no AVX at all: the plain C path
+])
+def test_avx2_and_plain_c_kernels_equal_reference(march, fresh_native, monkeypatch):
+    flags = [flag if flag != "-march=native" else f"-march={march}" for flag in native.FLAGS]
+    try:
+        lib = native.open_library(native.build(flags))
+    except Exception as error:  # noqa: BLE001 (a compiler that cannot target x86-64 at all)
+        pytest.skip(f"cannot build for -march={march}: {error}")
+    monkeypatch.setattr(native, "load", lambda: lib)
+    for qtype in GGML_TYPES:
+        weight = random_ggml(qtype, 33, columns_for(qtype))
+        for tokens in (1, 5):
+            x = torch.randn(tokens, weight.shape[1])
+            assert_matmul_close(GGMLLinear(weight)(x), ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
+        assert torch.equal(GGMLEmbedding(weight)(torch.tensor([32, 0])), dequantize_ggml(weight)[[32, 0]])
+    for dtype in DENSE_DTYPES:
+        weight, x = torch.randn(33, 90).to(dtype), torch.randn(3, 90)
+        assert_matmul_close(DenseLinear(weight)(x), ReferenceDenseLinear(weight)(x), x, weight.float())
+        assert torch.equal(DenseLinear(weight).float_weight(), weight.float())
