@@ -96,7 +96,7 @@ def test_unsupported_or_inconsistent_ggml_is_refused():
 # ---- Native kernels against their reference twins -----------------------------------------------
 
 @requires_native
-@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
 def test_ggml_linear_equals_reference(qtype, tokens):
     cols = columns_for(qtype)
@@ -112,7 +112,7 @@ def test_ggml_linear_equals_reference(qtype, tokens):
 @requires_native
 @pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
 def test_kernel_takes_many_tokens_in_passes(qtype, monkeypatch):
-    monkeypatch.setattr(native, "KERNEL_MAX_TOKENS", 1000)  # no prefill path: 20 tokens in 3 kernel passes
+    monkeypatch.setattr(native, "KERNEL_MAX_TOKENS", 1000)  # 20 tokens in 3 kernel passes, whatever the limit
     weight = random_ggml(qtype, 33, columns_for(qtype))
     x = torch.randn(2, 10, weight.shape[1])  # leading dimensions are kept
     y = GGMLLinear(weight)(x)
@@ -136,7 +136,7 @@ def test_threads_split_rows_without_changing_results(qtype):
 
 
 @requires_native
-@pytest.mark.parametrize("tokens", [1, 3, 8, 20])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", DENSE_DTYPES, ids=str)
 def test_dense_linear_equals_reference(dtype, tokens):
     for rows, cols in ((7, 90), (33, 130), (100, 576)):  # columns that leave a tail after the vectors

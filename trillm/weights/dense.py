@@ -7,12 +7,14 @@ torch's float32 linear over the upcast weight, which is what transformers comput
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from trillm.weights.native import NativeLinear
 
-# ggml_type numbers the kernels know the dtypes by (csrc/kernels.h).
-TYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+# The kernels know the dtypes by their ggml_type numbers (csrc/kernels.h).
+TYPE_CODES = {torch.float32: int(GGMLQuantizationType.F32), torch.float16: int(GGMLQuantizationType.F16),
+              torch.bfloat16: int(GGMLQuantizationType.BF16)}
 
 
 def check_dense(weight: torch.Tensor):
@@ -30,7 +32,7 @@ class DenseLinear(NativeLinear):
         self.weight = self.stored
 
     def float_weight(self) -> torch.Tensor:
-        return self.weight.float()  # no copy for float32
+        return self.weight if self.weight.dtype == torch.float32 else super().float_weight()
 
 
 class ReferenceDenseLinear(nn.Module):

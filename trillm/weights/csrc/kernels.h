@@ -1,4 +1,4 @@
-/* Vector primitives and the row-kernel interface shared by dense.c, ggml.c and matmul.c.
+/* Vector primitives and the interfaces shared by dense.c, ggml.c, matmul.c and pool.c.
  *
  * The kernels are written once against the few operations below; compiled with -march=native, gcc
  * picks the widest set the machine has: AVX-512 (16 floats a vector), AVX2 with FMA and F16C (8), or
