@@ -11,18 +11,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trillm.weights import native
+
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019)."""
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019).
+
+    The native kernel (csrc/layers.c) is one call where F.rms_norm, its reference twin, is six torch ops:
+    it runs twice per layer per decoded token.
+    """
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
         self.eps = eps
         self.shape = (weight.shape[0],)
+        self.kernel = native.load()
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.shape, self.weight, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.shape, self.weight, self.eps)
+        if self.kernel is None or x.dtype != torch.float32 or not x.is_contiguous():
+            return self.reference(x)
+        out = torch.empty_like(x)
+        self.kernel.trillm_rms_norm(x.data_ptr(), self.weight.data_ptr(), x.numel() // self.shape[0],
+                                    self.shape[0], self.eps, out.data_ptr())
+        return out
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -84,6 +99,24 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def attention_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token over all cached positions, the decode step's case: one native call
+    (csrc/layers.c) where scaled_dot_product_attention, its reference twin, costs several times more.
+
+    q: (B, heads, 1, head_dim); k, v: (B, kv_heads, length, head_dim) views into the cache, positions
+    contiguous within each head.
+    """
+    kernel = native.load()
+    batch, heads, _, head_dim = q.shape
+    if kernel is None or k.stride() != v.stride() or k.stride(2) != head_dim or k.stride(3) != 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != k.shape[1])
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    kernel.trillm_attention_one_token(q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, k.shape[1], head_dim,
+                                      k.shape[2], k.stride(0), k.stride(1), head_dim ** -0.5, out.data_ptr())
+    return out
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Scaled dot-product attention of queries at positions start.. over keys 0..; GQA by head groups.
 
@@ -92,7 +125,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     query_length, key_length = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if query_length == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return attention_one_token(q, k, v)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Queries continue a cached sequence: query i sees keys up to start + i.

@@ -73,6 +73,12 @@ def open_library(path: Path) -> ctypes.CDLL:
                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.trillm_decode_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.trillm_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                    ctypes.c_void_p]
+    lib.trillm_rms_norm.restype = None
+    lib.trillm_attention_one_token.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float,
+                                                                                               ctypes.c_void_p]
+    lib.trillm_attention_one_token.restype = None
     lib.trillm_set_num_threads.argtypes = [ctypes.c_int]
     lib.trillm_set_num_threads.restype = None
     return lib
