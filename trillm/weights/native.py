@@ -123,6 +123,19 @@ def bind_kernel(name: str, type_code: int, data: torch.Tensor, shape: tuple[int,
                              *shape)
 
 
+class PrefillScratch:
+    """One float32 buffer that every prefill matmul decodes its weight into, in turn (they run one after
+    another). A fresh allocation per call would fault its pages in each time and grow the heap."""
+
+    buffer = torch.empty(0)
+
+    @classmethod
+    def get(cls, rows: int, cols: int) -> torch.Tensor:
+        if cls.buffer.numel() < rows * cols:
+            cls.buffer = torch.empty(rows * cols)
+        return cls.buffer[: rows * cols].view(rows, cols)
+
+
 class NativeLinear(nn.Module):
     """y = x W^T + bias from weights as stored (rows of `type_code` data, see csrc/kernels.h).
 
@@ -141,8 +154,9 @@ class NativeLinear(nn.Module):
                                              None, shape[0])
 
     def float_weight(self) -> torch.Tensor:
-        """The whole weight decoded to float32 (out_features, in_features)."""
-        weight = torch.empty(self.out_features, self.in_features)
+        """The whole weight decoded to float32 (out_features, in_features), valid until the next prefill
+        matmul of any layer (it lives in the shared PrefillScratch)."""
+        weight = PrefillScratch.get(self.out_features, self.in_features)
         check_return_code(self._decode_all(weight.data_ptr()))
         return weight
 
