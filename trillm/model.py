@@ -46,8 +46,6 @@ class Model:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
         tokenizer = self.require_tokenizer()
-        if not tokenizer.chat_template:
-            raise TrillmError(f"{self.source}: the model has no chat template; use --raw for plain continuation")
         text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
                            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
         return tokenizer.encode(text, add_special_tokens=False)
