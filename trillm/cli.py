@@ -1,4 +1,4 @@
-"""The `trillm` command, in llama.cpp's spirit: generate, chat, tokenize, bench.
+"""The `trillm` command, in llama.cpp's spirit: generate, chat, tokenize, bench, synth.
 
 Every error a user can cause is printed as one line on stderr with a non-zero exit, no traceback
 (set TRILLM_DEBUG=1 to see one).
@@ -18,6 +18,9 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
                         help="context length in tokens (default: the model's own)")
+    parser.add_argument("--head", default=None, choices=["bf16", "q8_0"],
+                        help="output head in memory: bf16 (exact) or q8_0 (47%% fewer bytes a token) "
+                             "(default: as stored; q8_0 for BitNet)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
@@ -48,7 +51,7 @@ def load_model(args):
 
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    return trillm.load(args.model, ctx_size=args.ctx_size)
+    return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head)
 
 
 def write(text: str):
@@ -127,6 +130,17 @@ def command_bench(args):
     run_bench(args)
 
 
+def command_synth(args):
+    from trillm.checkpoint.synthetic import has_llama3_vocabulary, write_preset
+
+    folder = write_preset(args.preset, args.out_dir, layout=args.layout, seed=args.seed)
+    size = sum(path.stat().st_size for path in folder.iterdir()) / 1e6
+    print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {folder}: {size:.0f} MB")
+    if not (folder / "tokenizer.json").is_file():
+        reason = "" if has_llama3_vocabulary() else " (install quicktok-v1 for the Llama 3 vocabulary)"
+        print(f"note: no tokenizer written{reason}; only forward() on token ids works", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trillm", description="Run LLaMA, BitNet and gpt-oss models on the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(run=command_bench)
+
+    from trillm.checkpoint.synthetic import LAYOUTS, PRESETS
+
+    synth = commands.add_parser("synth", help="write a random-weight checkpoint in a real release's exact layout")
+    synth.add_argument("preset", choices=list(PRESETS), help="the model's shape")
+    synth.add_argument("out_dir", help="folder to write (created if needed)")
+    synth.add_argument("--layout", default="packed", choices=list(LAYOUTS),
+                       help="packed: the release's uint8 ternary codes + weight_scale; bf16: the bf16 master weights")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    synth.set_defaults(run=command_synth)
     return parser
 
 

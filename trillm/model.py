@@ -8,12 +8,15 @@ from trillm.chat import render_chat
 from trillm.checkpoint import open_checkpoint
 from trillm.engine import Sampling, Session, generate_ids, stream_text
 from trillm.errors import CheckpointError, TrillmError
+from trillm.models.bitnet import load_bitnet
+from trillm.models.layers import HEAD_FORMATS
 from trillm.models.llama import load_llama
 
 # Architecture names (config.json `architectures`, or GGUF `general.architecture`) -> family loader.
 FAMILIES = {
     "LlamaForCausalLM": load_llama,
     "llama": load_llama,
+    "BitNetForCausalLM": load_bitnet,
 }
 
 
@@ -68,8 +71,15 @@ class Model:
         return "".join(self.stream(prompt, max_new_tokens, sampling, stop))
 
 
-def load(source=None, ctx_size: int | None = None) -> Model:
-    """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model."""
+def load(source=None, ctx_size: int | None = None, head: str | None = None) -> Model:
+    """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model.
+
+    `head` picks how the output head is kept in memory, the largest single read of a decode step when it
+    is a tied embedding: "bf16" (exact) or "q8_0" (GGML Q8_0, 47% fewer bytes); None, the family's
+    default: as stored for LLaMA, Q8_0 for BitNet (see `load_bitnet`).
+    """
+    if head not in (None, *HEAD_FORMATS):
+        raise TrillmError(f"invalid output head format {head!r} (choose from {', '.join(HEAD_FORMATS)})")
     checkpoint = open_checkpoint(source)
     family = FAMILIES.get(checkpoint.architecture)
     if family is None:
@@ -77,5 +87,5 @@ def load(source=None, ctx_size: int | None = None) -> Model:
             f"{checkpoint.path}: unsupported architecture {checkpoint.architecture!r} "
             f"(supported: {', '.join(sorted(FAMILIES))})"
         )
-    network = family(checkpoint)
+    network = family(checkpoint, head=head)
     return Model(network, checkpoint.tokenizer(), str(checkpoint.path), checkpoint.generation_config(), ctx_size)

@@ -1,6 +1,7 @@
 """LLaMA 2 and LLaMA 3 (Touvron et al., 2023; Grattafiori et al., 2024) and their derivatives (SmolLM2...).
 
-A pre-norm decoder: RMSNorm, grouped-query attention with rotary positions, RMSNorm, SwiGLU MLP.
+A pre-norm decoder built from the shared blocks of models/layers.py: RMSNorm, grouped-query attention
+with rotary positions, RMSNorm, SwiGLU MLP.
 Reads Hugging Face folders (`LlamaForCausalLM`) and GGUF files (`general.architecture = llama`);
 the checkpoint-name maps for both are at the bottom of this file. Linear layers come from the weights
 factory, which multiplies straight from the stored format (dense, or GGML blocks).
@@ -10,12 +11,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from trillm.errors import CheckpointError
-from trillm.models.layers import KVCache, RMSNorm, apply_rope, causal_attention, rope_cos_sin, rope_inverse_frequencies
-from trillm.weights import concat_rows, make_embedding, make_linear
+from trillm.models.layers import (
+    Attention,
+    Block,
+    GatedFeedForward,
+    RMSNorm,
+    Transformer,
+    make_output_head,
+    rope_inverse_frequencies,
+    rope_settings_from_hf,
+)
+from trillm.weights import concat_rows, make_embedding
 
 
 @dataclass
@@ -35,9 +44,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> "LlamaConfig":
-        # transformers 5 moves rope_theta/rope_scaling into `rope_parameters`; older configs have both.
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_theta, rope_scaling = rope_settings_from_hf(config, default_theta=10000.0)
         heads = config["num_attention_heads"]
         return cls(
             vocab_size=config["vocab_size"],
@@ -48,8 +55,8 @@ class LlamaConfig:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
-            rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
         )
@@ -77,78 +84,14 @@ class LlamaConfig:
         )
 
 
-class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, qkv_weight, output_weight):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.qkv = make_linear(qkv_weight)  # q, k and v projections fused into one matrix
-        self.output = make_linear(output_weight)
-
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
-        batch, length, _ = x.shape
-        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
-        # q and k rotate together: one RoPE call over their heads.
-        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
-        q = qk[:, :, :heads].transpose(1, 2)  # (B, heads, T, head_dim)
-        k = qk[:, :, heads:].transpose(1, 2)  # (B, kv_heads, T, head_dim)
-        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start)
-        out = causal_attention(q, k, v, start)
-        return self.output(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)), gate and up fused into one matrix."""
-
-    def __init__(self, gate_up_weight, down_weight):
-        super().__init__()
-        self.gate_up = make_linear(gate_up_weight)
-        self.down = make_linear(down_weight)
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, config: LlamaConfig, weights: dict):
-        super().__init__()
-        self.attention_norm = RMSNorm(weights["attention_norm"], config.rms_norm_eps)
-        self.attention = Attention(config, weights["qkv"], weights["output"])
-        self.ffn_norm = RMSNorm(weights["ffn_norm"], config.rms_norm_eps)
-        self.ffn = FeedForward(weights["gate_up"], weights["down"])
-
-    def forward(self, x, cos, sin, cache, layer, start):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
-        return x + self.ffn(self.ffn_norm(x))
-
-
-class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig, embedding, blocks: list[Block], norm, head, inv_freq):
-        super().__init__()
-        self.config = config
-        self.embedding = embedding
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = norm
-        self.head = head
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def new_cache(self, batch: int, max_length: int) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length)
-
-    def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept."""
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + input_ids.shape[1]))
-        x = self.embedding(input_ids)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, start)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+def llama_block(config: LlamaConfig, weights: dict) -> Block:
+    """RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU: silu(gate(x)) * up(x) -> down."""
+    return Block(
+        attention_norm=RMSNorm(weights["attention_norm"], config.rms_norm_eps),
+        attention=Attention(config.num_heads, config.num_kv_heads, config.head_dim, weights["qkv"], weights["output"]),
+        ffn_norm=RMSNorm(weights["ffn_norm"], config.rms_norm_eps),
+        ffn=GatedFeedForward(weights["gate_up"], weights["down"], activation=F.silu),
+    )
 
 
 # ---- Loading: checkpoint names, expected shapes, fusion of q/k/v and gate/up --------------------------
@@ -215,8 +158,12 @@ def unpermute_rope_rows(weight, num_heads: int):
     return type(weight)(weight.type, weight.data[order], weight.shape)
 
 
-def load_llama(checkpoint) -> Llama:
-    """Build the model from an HF folder or a GGUF file, checking every tensor's shape."""
+def load_llama(checkpoint, head: str | None = None) -> Transformer:
+    """Build the model from an HF folder or a GGUF file, checking every tensor's shape.
+
+    `head`: None keeps the output head as stored; "bf16" or "q8_0" re-store a dense head (see
+    `make_output_head`); a head in GGML blocks stays as the file has it.
+    """
     if checkpoint.kind == "gguf":
         config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names())
         names, layer_names = GGUF_NAMES, gguf_layer_names
@@ -230,7 +177,7 @@ def load_llama(checkpoint) -> Llama:
     embedding_weight = checkpoint.get(names["embedding"], vocab_shape)
     embedding = make_embedding(embedding_weight)
     tied = config.tie_word_embeddings or names["head"] not in checkpoint.names()
-    head = make_linear(embedding_weight if tied else checkpoint.get(names["head"], vocab_shape))
+    head = make_output_head(embedding_weight if tied else checkpoint.get(names["head"], vocab_shape), head)
     norm = RMSNorm(checkpoint.get(names["norm"], (config.hidden_size,)), config.rms_norm_eps)
 
     blocks = []
@@ -241,7 +188,7 @@ def load_llama(checkpoint) -> Llama:
             stored["k"] = unpermute_rope_rows(stored["k"], config.num_kv_heads)
         stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
         stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
-        blocks.append(Block(config, stored))
+        blocks.append(llama_block(config, stored))
         for key in ("q", "k", "v", "gate", "up"):  # the model keeps its fused copies, not these
             checkpoint.release(layer_names(i)[key])
 
@@ -249,7 +196,7 @@ def load_llama(checkpoint) -> Llama:
     if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
         # llama.cpp stores Llama 3.1's frequency scaling as per-pair divisors.
         inv_freq = inv_freq / checkpoint.get("rope_freqs.weight", (config.head_dim // 2,)).float()
-    return Llama(config, embedding, blocks, norm, head, inv_freq)
+    return Transformer(config, embedding, blocks, norm, head, inv_freq)
 
 
 def check_supported(config: dict):

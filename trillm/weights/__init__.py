@@ -20,13 +20,16 @@ from trillm.weights.ggml import (
     ReferenceGGMLLinear,
     concat_ggml_rows,
 )
+from trillm.weights.ternary import ReferenceTernaryLinear, TernaryLinear, TernaryTensor, concat_ternary_rows
 
-__all__ = ["GGMLTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear"]
+__all__ = ["GGMLTensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear"]
 
 
-def make_linear(weight: torch.Tensor | GGMLTensor, bias: torch.Tensor | None = None) -> nn.Module:
+def make_linear(weight: torch.Tensor | GGMLTensor | TernaryTensor, bias: torch.Tensor | None = None) -> nn.Module:
     """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored."""
     use_native = native.load() is not None
+    if isinstance(weight, TernaryTensor):
+        return (TernaryLinear if use_native else ReferenceTernaryLinear)(weight, bias)
     if isinstance(weight, GGMLTensor):
         return (GGMLLinear if use_native else ReferenceGGMLLinear)(weight, bias)
     if isinstance(weight, torch.Tensor):
@@ -43,8 +46,10 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     raise TypeError(f"no embedding for a {type(weight).__name__}")
 
 
-def stored_format(weight: torch.Tensor | GGMLTensor):
-    """The GGML type or the torch dtype a weight is stored in."""
+def stored_format(weight: torch.Tensor | GGMLTensor | TernaryTensor):
+    """The GGML type, "ternary", or the torch dtype a weight is stored in."""
+    if isinstance(weight, TernaryTensor):
+        return "ternary"
     return weight.type if isinstance(weight, GGMLTensor) else weight.dtype
 
 
@@ -54,13 +59,15 @@ def can_concat_rows(weights: list) -> bool:
     return len({(stored_format(weight), weight.shape[1]) for weight in weights}) == 1
 
 
-def concat_rows(weights: list) -> torch.Tensor | GGMLTensor:
+def concat_rows(weights: list) -> torch.Tensor | GGMLTensor | TernaryTensor:
     """The weights stacked along output rows, in order; all must share format and in_features."""
     if not can_concat_rows(weights):
         described = ", ".join(f"{stored_format(weight)} {tuple(weight.shape)}" for weight in weights)
         raise ValueError(f"cannot concatenate rows of {described}: formats and columns must match")
     if isinstance(weights[0], GGMLTensor):
         return concat_ggml_rows(weights)
+    if isinstance(weights[0], TernaryTensor):
+        return concat_ternary_rows(weights)
     for weight in weights:
         check_dense(weight)
     return torch.cat(weights)

@@ -81,6 +81,14 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.trillm_attention_one_token.restype = None
     lib.trillm_set_num_threads.argtypes = [ctypes.c_int]
     lib.trillm_set_num_threads.restype = None
+    lib.trillm_ternary_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_void_p]
+    lib.trillm_ternary_quantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                            ctypes.c_void_p, ctypes.c_void_p]
+    lib.trillm_ternary_isa.argtypes = [ctypes.c_int]
+    lib.trillm_ternary_find_invalid.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.trillm_ternary_find_invalid.restype = ctypes.c_int64
     return lib
 
 

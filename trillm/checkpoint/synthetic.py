@@ -1,0 +1,250 @@
+"""Synthetic checkpoints: random weights in the exact layout of a real release, for tests and benchmarks
+where the real weights cannot be had.
+
+`write_bitnet` writes a Hugging Face folder as microsoft/bitnet-b1.58-2B-4T ships it: config.json (the
+real config, its shape overridable), model.safetensors with the release's tensor names, dtypes and
+packing (uint8 [out/4, in] projections + bf16 weight_scale [1], bf16 norms and embedding, no lm_head:
+tied), generation_config.json, and, when the `quicktok` package provides the Llama 3 vocabulary,
+tokenizer.json + tokenizer_config.json with the model's chat template. `layout="bf16"` writes the bf16
+master layout instead (microsoft/bitnet-b1.58-2B-4T-bf16: dense bf16 projections, no weight_scale).
+
+The weights are random but keep activations at a sensible scale through the layers, so the logits are
+spread like a trained model's rather than flat or saturated. The safetensors file is written one tensor
+(or one slice of the embedding) at a time: a 1.2 GB checkpoint never sits in memory twice.
+"""
+
+import base64
+import copy
+import importlib.util
+import json
+import math
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from trillm.models.bitnet import BitNetConfig
+from trillm.weights.ternary import pack_ternary
+
+# microsoft/bitnet-b1.58-2B-4T's config.json (seeds/002); its quantization_config as the packed release
+# has it: "offline" packed weights whose weight_scale multiplies the output ("autobitlinear").
+BITNET_2B4T_CONFIG = {
+    "architectures": ["BitNetForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_bitnet.BitNetConfig",
+        "AutoModelForCausalLM": "modeling_bitnet.BitNetForCausalLM",
+    },
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "relu2",
+    "hidden_size": 2560,
+    "initializer_range": 0.02,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 4096,
+    "model_type": "bitnet",
+    "rms_norm_eps": 1e-05,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+    "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"},
+}
+# The bf16 master weights are ternarized on the fly: the quantization_config that seeds/002 lists.
+MASTER_QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+LAYOUTS = ("packed", "bf16")
+
+# Shapes on top of BITNET_2B4T_CONFIG. The small ones keep the real vocabulary so the tokenizer fits.
+PRESETS = {
+    "bitnet-b1.58-2b-4t": {},  # 30 layers, 2.4B parameters, ~1.2 GB packed (~4.8 GB in bf16)
+    "bitnet-small": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=6, num_attention_heads=10,
+                         num_key_value_heads=5),  # ~190 MB, the 2B4T's head_dim and GQA ratio
+    "bitnet-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=1024),  # ~33 MB, for tests
+}
+
+# microsoft/bitnet-b1.58-2B-4T's tokenizer: the Llama 3 vocabulary, "Role: " turns ending in <|eot_id|>.
+BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|eot_id|>"
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+LLAMA3_VOCAB_SIZE = 128256  # 128000 ranks + 256 special tokens
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32"}
+EMBEDDING_ROWS_PER_SLICE = 8192
+
+
+def bitnet_config(preset: str = "bitnet-b1.58-2b-4t", layout: str = "packed", **overrides) -> dict:
+    """The config.json of a preset (see PRESETS) in a layout, with any key overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    config = copy.deepcopy(BITNET_2B4T_CONFIG)
+    if layout == "bf16":
+        config["quantization_config"] = dict(MASTER_QUANTIZATION_CONFIG)
+    config.update(PRESETS[preset])
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def write_bitnet(folder: str | Path, config: dict, seed: int = 0, tokenizer: bool = True) -> Path:
+    """Write a random-weight BitNet folder for this config.json; its quantization_config picks the layout
+    (packed unless "online"). The tokenizer is written when asked, the vocabulary is Llama 3's size and
+    quicktok is installed; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(folder / "model.safetensors", bitnet_tensors(config, seed))
+    llama3_vocabulary = config["vocab_size"] == LLAMA3_VOCAB_SIZE
+    # A chat turn ends with <|eot_id|> (128009), text with <|end_of_text|> (config.json's eos, 128001).
+    eos_ids = [config["eos_token_id"], 128009] if llama3_vocabulary else [config["eos_token_id"]]
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": list(dict.fromkeys(eos_ids))}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer and llama3_vocabulary and has_llama3_vocabulary():
+        write_llama3_tokenizer(folder, config.get("max_position_embeddings", 4096))
+    return folder
+
+
+def write_preset(preset: str, folder: str | Path, layout: str = "packed", seed: int = 0) -> Path:
+    return write_bitnet(folder, bitnet_config(preset, layout), seed)
+
+
+def has_llama3_vocabulary() -> bool:
+    return importlib.util.find_spec("quicktok") is not None
+
+
+# ---- Tensors: names, shapes and dtypes of the release; random values at a sensible scale ----------------
+
+Tensor = tuple[str, torch.dtype, tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]
+
+
+def bitnet_tensors(config: dict, seed: int) -> list[Tensor]:
+    """(name, dtype, shape, slices) of every tensor; `slices()` generates the values, in row order."""
+    c = BitNetConfig.from_hf(config)  # layout and sizes exactly as the loader will read them
+    hidden, intermediate, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+
+    def norm(length: int) -> Callable:
+        return lambda: iter([(torch.rand(length, generator=generator) + 0.5).bfloat16()])
+
+    def embedding() -> Iterator[torch.Tensor]:
+        # Logits = final hidden state (rms ~1) . embedding row: a std of 4 / sqrt(hidden) spreads them ~±15.
+        for start in range(0, vocab, EMBEDDING_ROWS_PER_SLICE):
+            rows = min(EMBEDDING_ROWS_PER_SLICE, vocab - start)
+            yield (torch.randn(rows, hidden, generator=generator) * (4 / math.sqrt(hidden))).bfloat16()
+
+    def ternary_codes(shape: tuple[int, int]) -> Callable:
+        def codes():
+            # -1, 0, +1 with probabilities 0.3, 0.4, 0.3, as the release's weights (seeds/003).
+            draw = torch.randint(0, 10, shape, generator=generator, dtype=torch.uint8)
+            yield pack_ternary((draw >= 3).to(torch.int8) + (draw >= 7).to(torch.int8) - 1)
+        return codes
+
+    def weight_scale(in_features: int) -> Callable:
+        # Keeps a projection's output at its input's scale: 60% of the in_features codes are nonzero.
+        def scale():
+            multiplier = (0.6 * in_features) ** -0.5 * (0.8 + 0.45 * torch.rand(1, generator=generator))
+            yield (1 / multiplier if c.scale_divides else multiplier).bfloat16()
+        return scale
+
+    def master_weight(shape: tuple[int, int]) -> Callable:
+        # Absmean ternarization of N(0, s) zeroes |w| < 0.4 s (31%) and scales by mean|w| = 0.8 s.
+        std = 1 / (0.8 * math.sqrt(0.69 * shape[1]))
+        return lambda: iter([(torch.randn(shape, generator=generator) * std).bfloat16()])
+
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    projections = {
+        "self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
+        "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
+        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
+    norms = {"input_layernorm": hidden, "post_attention_layernorm": hidden, "self_attn.attn_sub_norm": q_rows,
+             "mlp.ffn_sub_norm": intermediate}
+
+    tensors = [("model.embed_tokens.weight", torch.bfloat16, (vocab, hidden), embedding),
+               ("model.norm.weight", torch.bfloat16, (hidden,), norm(hidden))]
+    if not c.tie_word_embeddings:
+        tensors.append(("lm_head.weight", torch.bfloat16, (vocab, hidden), embedding))
+    for i in range(c.num_layers):
+        prefix = f"model.layers.{i}"
+        for name, length in norms.items():
+            tensors.append((f"{prefix}.{name}.weight", torch.bfloat16, (length,), norm(length)))
+        for name, (out_features, in_features) in projections.items():
+            if c.packed:
+                tensors.append((f"{prefix}.{name}.weight", torch.uint8, (out_features // 4, in_features),
+                                ternary_codes((out_features, in_features))))
+                tensors.append((f"{prefix}.{name}.weight_scale", torch.bfloat16, (1,), weight_scale(in_features)))
+            else:
+                tensors.append((f"{prefix}.{name}.weight", torch.bfloat16, (out_features, in_features),
+                                master_weight((out_features, in_features))))
+    return sorted(tensors, key=lambda tensor: tensor[0])  # the release's order: by name
+
+
+def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None = None):
+    """A .safetensors file (8-byte header length, JSON header, raw little-endian data), written as each
+    tensor's slices are generated: only one slice is in memory at a time."""
+    header, offset = {}, 0
+    for name, dtype, shape, _ in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata or {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the safetensors writer pads it
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, dtype, shape, slices in tensors:
+            written = 0
+            for piece in slices():
+                assert piece.dtype == dtype, (name, piece.dtype)
+                data = piece.contiguous().view(torch.uint8).numpy()
+                file.write(data.tobytes())
+                written += data.size
+            assert written == header[name]["data_offsets"][1] - header[name]["data_offsets"][0], name
+
+
+# ---- Tokenizer: the Llama 3 vocabulary from quicktok, saved as a tokenizer.json --------------------------
+
+def write_llama3_tokenizer(folder: Path, max_length: int):
+    """tokenizer.json (BOS added, as the release's), tokenizer_config.json with the chat template and the
+    special tokens, special_tokens_map.json. Built from quicktok's copy of Meta's tiktoken ranks the way
+    trillm reads a Llama 3 tokenizer.model, so ids equal Meta's."""
+    from trillm.tokenizer import load_tokenizer
+
+    special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "tokenizer.model").write_bytes(llama3_tiktoken_file())
+        (Path(scratch) / "tokenizer_config.json").write_text(json.dumps({**special_tokens, "add_bos_token": True}))
+        load_tokenizer(scratch).backend.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {**special_tokens, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": True,
+                        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_length,
+                        "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
+
+
+def llama3_tiktoken_file() -> bytes:
+    """Meta's Llama 3 tokenizer.model (`base64(token) rank` lines) from quicktok's llama3.vocab: u32 count,
+    then per entry u16 length, the token's bytes, u32 rank (little-endian)."""
+    package = Path(importlib.util.find_spec("quicktok").submodule_search_locations[0])
+    data = (package / "data" / "llama3.vocab").read_bytes()
+    (count,) = struct.unpack_from("<I", data, 0)
+    position, lines = 4, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", data, position)
+        token = data[position + 2 : position + 2 + length]
+        (rank,) = struct.unpack_from("<I", data, position + 2 + length)
+        position += 2 + length + 4
+        lines.append(base64.b64encode(token) + b" " + str(rank).encode())
+    return b"\n".join(lines) + b"\n"

@@ -1,0 +1,404 @@
+/* Ternary (BitNet b1.58) matrix products straight from 2-bit weights.
+ *
+ * Checkpoint layout (transformers' integrations/bitnet.py, pack_weights): uint8 (R, cols), R = rows / 4;
+ * byte (p, c) holds the codes w + 1 (00 = -1, 01 = 0, 10 = +1) of rows p, p + R, p + 2R, p + 3R at column c
+ * in bits 0-1, 2-3, 4-5, 6-7.
+ *
+ * Kernel layout ("tiles", made once at load by trillm/weights/ternary.py: tile_ternary): the same bytes,
+ * still 2 bits a weight, reordered so that one 64-byte vector holds 16 packed rows times 4 columns:
+ * tile (b, g) = bytes (16b + l, 4g + j) at l * 4 + j, for blocks b of 16 packed rows and groups g of 4
+ * columns (rows and columns zero-padded to whole tiles). A block's tiles are contiguous, g after g.
+ *
+ * Arithmetic (transformers' BitLinear, in float32): each token is quantized to int8 with the scale
+ * 127 / max|x| (torch computes it as reciprocal(max|x|) * 127); the products are summed as integers; one
+ * rescale y = sum / (act_scale * weight_scale). Float32 sums of these integers are exact too, so the
+ * results equal transformers' bit for bit.
+ *
+ * The products take the codes as they are, unsigned: sum((w + 1) x) - sum(x) = sum(w x). With AVX-512
+ * VNNI, vpdpbusd multiplies a tile (unsigned codes) by one token's four activations broadcast to all 16
+ * lanes and adds the four products into each lane: lane l sums packed row 16b + l. Masking a tile with
+ * 0x03, 0x0C, 0x30, 0xC0 (rather than shifting) picks the code of row p + iR times 4^i, an exact factor
+ * taken out at the end. So a tile costs 4 ands for any number of tokens and 4 vpdpbusd a token; there
+ * are no horizontal sums, and the 16 lanes of a result are 16 consecutive output rows. Up to 6 tokens
+ * share a pass over the weights (24 accumulators in registers).
+ * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16 + _mm256_madd_epi16, plain C row by
+ * row; the instruction set is chosen at run time (__builtin_cpu_supports), so one library serves any
+ * x86-64 CPU, and the caller can force one (tests run all three).
+ */
+#include <stdlib.h>
+
+#include "kernels.h"
+
+/* trillm_ternary_matmul's instruction sets (trillm/weights/ternary.py: ISAS). */
+enum { ISA_BEST = 0, ISA_PLAIN = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+#define TILE_ROWS 16  /* packed rows a tile: 64 output rows */
+#define TILE_BYTES 64 /* 16 packed rows x 4 columns */
+#define PASS_TOKENS 6 /* tokens one pass over a block of weights serves (AVX-512) */
+
+/* Few tokens leave so much arithmetic per weight byte that the out-of-order window does not reach far
+ * enough ahead to keep memory busy: the kernels prefetch the weights into L2 this far ahead. Measured on
+ * 2 Zen 4 cores, 13824 x 2560 at one token: 9 GB/s a thread without, 25 with (a plain read: 25). */
+#define PREFETCH_BYTES 8192
+/* Below this many weight bytes the calling thread works alone (as in matmul.c). */
+#define PARALLEL_MIN_BYTES (32 * 1024)
+/* Long prompts are taken in blocks of tokens whose int8 activations stay in L2 while every weight
+ * block passes by. */
+#define TOKEN_BLOCK_BYTES (512 * 1024)
+
+struct ternary_job {
+    const uint8_t *tiles;
+    int64_t R, rows, cols, groups; /* rows = 4 R; groups = cols / 4 rounded up */
+    const float *w_scale;          /* one scale, or one per output row */
+    int per_row_scale;
+    int64_t tokens;
+    const int8_t *x;               /* token t at x + t * x_stride, zero-padded past cols */
+    int64_t x_stride;
+    const float *act_scale;        /* per token */
+    const int32_t *x_sum;          /* per token: the sum of its int8 activations */
+    float *y;                      /* (tokens, rows) */
+    void (*blocks_kernel)(const struct ternary_job *job, int64_t b0, int64_t b1);
+};
+
+static ALWAYS_INLINE float weight_scale(const struct ternary_job *job, int64_t row) {
+    return job->w_scale[job->per_row_scale ? row : 0];
+}
+
+/* y[t, row] from the sum of codes times activations. */
+static ALWAYS_INLINE void store_output(const struct ternary_job *job, int64_t t, int64_t row, int32_t code_sum) {
+    float sum = (float)(code_sum - job->x_sum[t]); /* exact: |sum| < 2^24 (the caller bounds cols) */
+    job->y[t * job->rows + row] = sum / (job->act_scale[t] * weight_scale(job, row));
+}
+
+/* The four activations of token t at columns 4g..4g+3, as one int32. */
+static ALWAYS_INLINE int32_t four_activations(const struct ternary_job *job, int64_t t, int64_t g) {
+    int32_t four;
+    memcpy(&four, job->x + t * job->x_stride + 4 * g, 4);
+    return four;
+}
+
+/* ---- Activations --------------------------------------------------------------------------------- */
+
+/* One token to int8 as transformers' BitLinear.activation_quant computes it in float32: scale =
+ * reciprocal(max(max|x|, 1e-5)) * 127, q = clamp(round_half_even(x * scale), -128, 127). (In fact
+ * |q| <= 127: |x| <= max|x| and the scale is 127 / max|x| within 2 ulp, short of 127.5.) */
+static float activation_scale(float absmax) { return (1.0f / (absmax > 1e-5f ? absmax : 1e-5f)) * 127.0f; }
+
+typedef void quantize_token_fn(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum);
+
+static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
+    float absmax = 0.0f;
+    for (int64_t c = 0; c < cols; c++)
+        absmax = fabsf(x[c]) > absmax ? fabsf(x[c]) : absmax;
+    float s = activation_scale(absmax);
+    int32_t total = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        float v = rintf(x[c] * s); /* the default rounding mode: to nearest, ties to even */
+        q[c] = (int8_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
+        total += q[c];
+    }
+    *scale = s;
+    *sum = total;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+TARGET_AVX512 static void quantize_token_avx512(const float *x, int64_t cols, int8_t *q, float *scale,
+                                                int32_t *sum) {
+    __m512 absmax = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) {
+        __mmask16 valid = cols - c >= 16 ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
+        absmax = _mm512_max_ps(absmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, x + c)));
+    }
+    float s = activation_scale(_mm512_reduce_max_ps(absmax));
+    __m512 vs = _mm512_set1_ps(s), low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t c = 0; c < cols; c += 16) {
+        __mmask16 valid = cols - c >= 16 ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
+        __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + c), vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, low), high));
+        total = _mm512_add_epi32(total, i);
+        _mm_mask_storeu_epi8(q + c, valid, _mm512_cvtepi32_epi8(i));
+    }
+    *scale = s;
+    *sum = _mm512_reduce_add_epi32(total);
+}
+#endif
+
+struct quantize_call {
+    const float *x;
+    int64_t tokens, cols;
+    int8_t *q; /* (tokens, stride) */
+    int64_t stride;
+    float *scale;
+    int32_t *sum;
+    quantize_token_fn *quantize_token;
+};
+
+static void quantize_chunk(void *arg, int chunk, int chunks) {
+    const struct quantize_call *call = arg;
+    for (int64_t t = call->tokens * chunk / chunks; t < call->tokens * (chunk + 1) / chunks; t++) {
+        int8_t *q = call->q + t * call->stride;
+        call->quantize_token(call->x + t * call->cols, call->cols, q, call->scale + t, call->sum + t);
+        memset(q + call->cols, 0, call->stride - call->cols);
+    }
+}
+
+/* ---- Plain C ------------------------------------------------------------------------------------- */
+
+static void plain_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *block = job->tiles + b * job->groups * TILE_BYTES;
+        for (int64_t t = 0; t < job->tokens; t++) {
+            int32_t sum[4][TILE_ROWS] = {{0}};
+            for (int64_t g = 0; g < job->groups; g++) {
+                const int8_t *x = job->x + t * job->x_stride + 4 * g;
+                for (int l = 0; l < TILE_ROWS; l++)
+                    for (int j = 0; j < 4; j++)
+                        for (int i = 0; i < 4; i++)
+                            sum[i][l] += (block[g * TILE_BYTES + l * 4 + j] >> (2 * i) & 3) * x[j];
+            }
+            for (int l = 0; l < TILE_ROWS && TILE_ROWS * b + l < job->R; l++)
+                for (int i = 0; i < 4; i++)
+                    store_output(job, t, TILE_ROWS * b + l + i * job->R, sum[i][l]);
+        }
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+
+/* Blocks b0..b1 are contiguous: start the prefetch that the kernels then keep PREFETCH_BYTES ahead. */
+static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t b0, int64_t b1) {
+    const uint8_t *first = job->tiles + b0 * job->groups * TILE_BYTES;
+    for (int64_t offset = 0; offset < (b1 - b0) * job->groups * TILE_BYTES && offset < PREFETCH_BYTES; offset += 64)
+        _mm_prefetch((const char *)(first + offset), _MM_HINT_T1);
+}
+
+/* ---- AVX2: each tile as two halves of 8 packed rows -------------------------------------------------- */
+
+/* Half h of block b (packed rows 16b + 8h ..) for tokens t0..t0+nt-1. */
+TARGET_AVX2 static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0,
+                                                const int nt) {
+    const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc[4][2];
+    for (int i = 0; i < 4; i++)
+        for (int t = 0; t < nt; t++)
+            acc[i][t] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < job->groups; g++) {
+        _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[2];
+        for (int t = 0; t < nt; t++)
+            x[t] = _mm256_set1_epi32(four_activations(job, t0 + t, g));
+        for (int i = 0; i < 4; i++) {
+            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three);
+            for (int t = 0; t < nt; t++) /* code * x pairs fit int16: 2 * 2 * 127 */
+                acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x[t]), ones));
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < 4; i++) {
+            int32_t sums[8];
+            _mm256_storeu_si256((__m256i *)sums, acc[i][t]);
+            for (int l = 0; l < 8 && TILE_ROWS * b + 8 * h + l < job->R; l++)
+                store_output(job, t0 + t, TILE_ROWS * b + 8 * h + l + i * job->R, sums[l]);
+        }
+}
+
+TARGET_AVX2 static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
+    prefetch_start(job, b0, b1);
+    for (int64_t b = b0; b < b1; b++)
+        for (int h = 0; h < 2; h++) {
+            int64_t t = 0;
+            for (; t + 2 <= job->tokens; t += 2)
+                avx2_half(job, b, h, t, 2);
+            if (t < job->tokens)
+                avx2_half(job, b, h, t, 1);
+        }
+}
+
+/* ---- AVX-512 VNNI ---------------------------------------------------------------------------------- */
+
+/* acc + the dot products of the 4-byte groups of unsigned u8 and signed s8, in 16 int32 lanes. Inline
+ * assembly because gcc 12 otherwise copies each accumulator to another register around each one. */
+TARGET_AVX512 static ALWAYS_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+
+/* One tile times nt tokens' four activations, into acc[i][t] for the rows p + iR. */
+TARGET_AVX512 static ALWAYS_INLINE void avx512_tile(__m512i acc[4][PASS_TOKENS], const uint8_t *tile,
+                                                  const struct ternary_job *job, int64_t t0, int64_t g, const int nt) {
+    __m512i bytes = _mm512_loadu_si512(tile), codes[4], x[PASS_TOKENS];
+    for (int i = 0; i < 4; i++) /* byte masks 0x03, 0x0C, 0x30, 0xC0: row i's code times 4^i */
+        codes[i] = _mm512_and_si512(bytes, _mm512_set1_epi8((char)(3 << (2 * i))));
+    for (int t = 0; t < nt; t++) {
+        x[t] = _mm512_set1_epi32(four_activations(job, t0 + t, g));
+        for (int i = 0; i < 4; i++)
+            acc[i][t] = dpbusd(acc[i][t], codes[i], x[t]);
+    }
+}
+
+/* Block b (packed rows 16b..16b+15, outputs 16b + l + iR) for tokens t0..t0+nt-1. One token has two sets
+ * of accumulators for alternate tiles, so that consecutive vpdpbusd do not wait on each other. */
+TARGET_AVX512 static ALWAYS_INLINE void avx512_block(const struct ternary_job *job, int64_t b, int64_t t0,
+                                                   const int nt) {
+    const int sets = nt == 1 ? 2 : 1;
+    const int64_t groups = job->groups, paired = groups / sets * sets;
+    const uint8_t *tiles = job->tiles + b * groups * TILE_BYTES;
+    __m512i acc[2][4][PASS_TOKENS];
+    for (int k = 0; k < sets; k++)
+        for (int i = 0; i < 4; i++)
+            for (int t = 0; t < nt; t++)
+                acc[k][i][t] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < paired; g += sets)
+        for (int k = 0; k < sets; k++) {
+            _mm_prefetch((const char *)(tiles + (g + k) * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
+            avx512_tile(acc[k], tiles + (g + k) * TILE_BYTES, job, t0, g + k, nt);
+        }
+    if (paired < groups)
+        avx512_tile(acc[0], tiles + paired * TILE_BYTES, job, t0, paired, nt);
+    for (int k = 1; k < sets; k++)
+        for (int i = 0; i < 4; i++)
+            acc[0][i][0] = _mm512_add_epi32(acc[0][i][0], acc[k][i][0]);
+
+    /* Lanes are 16 consecutive output rows (fewer in a last, partial block). */
+    int64_t live = job->R - TILE_ROWS * b;
+    __mmask16 valid = live >= 16 ? 0xffff : (__mmask16)((1u << live) - 1);
+    for (int i = 0; i < 4; i++) {
+        int64_t row = TILE_ROWS * b + i * job->R;
+        __m512 w_scale = job->per_row_scale ? _mm512_maskz_loadu_ps(valid, job->w_scale + row)
+                                            : _mm512_set1_ps(job->w_scale[0]);
+        for (int t = 0; t < nt; t++) {
+            __m512i sum = _mm512_sub_epi32(_mm512_srai_epi32(acc[0][i][t], 2 * i),
+                                           _mm512_set1_epi32(job->x_sum[t0 + t]));
+            __m512 y = _mm512_div_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(job->act_scale[t0 + t]), w_scale));
+            _mm512_mask_storeu_ps(job->y + (t0 + t) * job->rows + row, valid, y);
+        }
+    }
+}
+
+TARGET_AVX512 static void avx512_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
+    prefetch_start(job, b0, b1);
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t t = 0; t < job->tokens;) {
+            /* passes of at most PASS_TOKENS tokens, as even as possible (8 tokens: 4 + 4, not 6 + 2) */
+            int64_t left = job->tokens - t, passes = (left + PASS_TOKENS - 1) / PASS_TOKENS;
+            int nt = (int)((left + passes - 1) / passes);
+            switch (nt) { /* the token count a constant, so the accumulators live in registers */
+            case 1: avx512_block(job, b, t, 1); break;
+            case 2: avx512_block(job, b, t, 2); break;
+            case 3: avx512_block(job, b, t, 3); break;
+            case 4: avx512_block(job, b, t, 4); break;
+            case 5: avx512_block(job, b, t, 5); break;
+            default: avx512_block(job, b, t, 6); break;
+            }
+            t += nt;
+        }
+}
+
+static int cpu_has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static int cpu_has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#else
+static int cpu_has_avx2(void) { return 0; }
+static int cpu_has_avx512(void) { return 0; }
+#endif
+
+/* ---- Entry points -------------------------------------------------------------------------------- */
+
+/* The instruction set to use for `isa` (ISA_BEST: the widest this CPU runs), or -1 if it lacks it. */
+static int resolve_isa(int isa) {
+    if (isa == ISA_BEST)
+        return cpu_has_avx512() ? ISA_AVX512 : cpu_has_avx2() ? ISA_AVX2 : ISA_PLAIN;
+    if (isa == ISA_PLAIN || (isa == ISA_AVX2 && cpu_has_avx2()) || (isa == ISA_AVX512 && cpu_has_avx512()))
+        return isa;
+    return -1;
+}
+
+static quantize_token_fn *quantizer(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == ISA_AVX512)
+        return quantize_token_avx512;
+#endif
+    return quantize_token_plain;
+}
+
+/* The instruction set trillm_ternary_matmul runs for `isa`, or -1 if this CPU lacks it. */
+int trillm_ternary_isa(int isa) { return resolve_isa(isa); }
+
+/* The activation quantizer alone, for tests: x (tokens, cols) -> q (tokens, cols), scale (tokens). */
+int trillm_ternary_quantize(int isa, const float *x, int64_t tokens, int64_t cols, int8_t *q, float *scale) {
+    if ((isa = resolve_isa(isa)) < 0)
+        return -1;
+    int32_t sum;
+    for (int64_t t = 0; t < tokens; t++)
+        quantizer(isa)(x + t * cols, cols, q + t * cols, scale + t, &sum);
+    return 0;
+}
+
+static void blocks_chunk(void *arg, int chunk, int chunks) {
+    const struct ternary_job *job = arg;
+    int64_t blocks = (job->R + TILE_ROWS - 1) / TILE_ROWS;
+    job->blocks_kernel(job, blocks * chunk / chunks, blocks * (chunk + 1) / chunks);
+}
+
+/* y (tokens, rows) = transformers' BitLinear of x (tokens, cols) float32, with weights given as tiles
+ * (see the top of this file) and weight_scale of scale_count = 1 or rows entries. Returns 0, -1 if this
+ * CPU lacks the instruction set asked for, -3 for shapes the kernel cannot take, -4 when out of memory. */
+int trillm_ternary_matmul(int isa, const uint8_t *tiles, int64_t rows, int64_t cols, const float *w_scale,
+                          int64_t scale_count, const float *x, int64_t tokens, float *y) {
+    if ((isa = resolve_isa(isa)) < 0)
+        return -1;
+    if (rows % 4 || cols <= 0 || cols > (1 << 17) || tokens < 0 || (scale_count != 1 && scale_count != rows))
+        return -3;
+    if (tokens == 0 || rows == 0)
+        return 0;
+    const int64_t stride = (cols + 63) / 64 * 64;
+    uint8_t *scratch = aligned_alloc(64, tokens * stride + (tokens * 8 + 63) / 64 * 64);
+    if (!scratch)
+        return -4;
+    int8_t *q = (int8_t *)scratch;
+    float *act_scale = (float *)(scratch + tokens * stride);
+    int32_t *x_sum = (int32_t *)(act_scale + tokens);
+    struct quantize_call quantize = {x, tokens, cols, q, stride, act_scale, x_sum, quantizer(isa)};
+    run_parallel(quantize_chunk, &quantize, tokens * cols < 64 * 1024 ? 1 : pool_threads(), 1);
+
+    struct ternary_job job = {.tiles = tiles, .R = rows / 4, .rows = rows, .cols = cols, .groups = (cols + 3) / 4,
+                              .w_scale = w_scale, .per_row_scale = scale_count != 1, .x_stride = stride};
+#if defined(__x86_64__) || defined(__i386__)
+    job.blocks_kernel = isa == ISA_AVX512 ? avx512_blocks : isa == ISA_AVX2 ? avx2_blocks : plain_blocks;
+#else
+    job.blocks_kernel = plain_blocks;
+#endif
+    const int threads = rows / 4 * cols < PARALLEL_MIN_BYTES ? 1 : pool_threads();
+    const int64_t block = TOKEN_BLOCK_BYTES / stride > PASS_TOKENS ? TOKEN_BLOCK_BYTES / stride : PASS_TOKENS;
+    for (int64_t t0 = 0; t0 < tokens; t0 += block) {
+        job.tokens = tokens - t0 < block ? tokens - t0 : block;
+        job.x = q + t0 * stride;
+        job.act_scale = act_scale + t0;
+        job.x_sum = x_sum + t0;
+        job.y = y + t0 * rows;
+        run_parallel(blocks_chunk, &job, threads, 1);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* The position of the first byte holding a code 3 (binary 11, no ternary value) among n, or -1. */
+int64_t trillm_ternary_find_invalid(const uint8_t *packed, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (packed[i] & packed[i] >> 1 & 0x55)
+            return i;
+    return -1;
+}

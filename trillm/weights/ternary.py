@@ -1,0 +1,196 @@
+"""Ternary weights of BitNet b1.58 ("The Era of 1-bit LLMs", Ma et al. 2024) as the released checkpoints
+store them, with transformers' arithmetic (integrations/bitnet.py: pack_weights, unpack_weights, BitLinear).
+
+Layout: uint8 (out_features / 4, in_features); the 2-bit code of a weight is w + 1 (00 = -1, 01 = 0,
+10 = +1, 11 is invalid) and packed row r holds original rows r, r + R, r + 2R, r + 3R (R = out / 4) in
+bits 0-1, 2-3, 4-5, 6-7. One float scale per projection (`weight_scale`), or one per row once q/k/v or
+gate/up are fused.
+
+Arithmetic: each token is quantized to int8 with its own scale 127 / max|x|; the int8 activations times
+the ternary weights are summed as integers; one rescale y = sum / (act_scale * weight_scale). In float32
+those sums are exact (products of |x| <= 127 and |w| <= 1, fewer than 2^24 / 127 columns), so the native
+kernel (csrc/ternary.c), which sums in int32 straight from the 2-bit codes, equals transformers exactly.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trillm.errors import CheckpointError
+from trillm.weights import native
+
+# Beyond this many columns float32 sums of the integer products could round (and int32 lanes overflow).
+MAX_IN_FEATURES = 1 << 17
+
+# Instruction sets of the native kernel, as its first argument (csrc/ternary.c). "best" is the widest this
+# CPU runs; TRILLM_TERNARY_ISA forces one (for tests and comparisons).
+ISAS = {"best": 0, "c": 1, "avx2": 2, "avx512": 3}
+KERNEL_ERRORS = {-1: "this CPU lacks the instruction set asked for", -3: "shape not supported by the kernel",
+                 -4: "out of memory"}
+
+
+@dataclass
+class TernaryTensor:
+    """A ternary weight as stored: 2-bit codes in the release layout and its scale(s)."""
+
+    packed: torch.Tensor  # uint8 (out_features // 4, in_features)
+    scale: torch.Tensor  # float32 (1,) or (out_features,): y = (int8(x) @ W^T) / (act_scale * scale)
+    shape: tuple[int, int]  # (out_features, in_features)
+
+
+# ---- Layout ----------------------------------------------------------------------------------------
+
+def pack_ternary(values: torch.Tensor) -> torch.Tensor:
+    """int8 values in {-1, 0, 1}, (out, in) with out a multiple of 4 -> uint8 codes (out / 4, in)."""
+    out_features = values.shape[0]
+    if values.dim() != 2 or out_features % 4:
+        raise ValueError(f"ternary weights need 2-D values with rows a multiple of 4, got {tuple(values.shape)}")
+    if values.numel() and (values.min() < -1 or values.max() > 1):
+        raise ValueError("ternary values must be -1, 0 or 1")
+    codes = (values.to(torch.int16) + 1).to(torch.uint8).reshape(4, out_features // 4, values.shape[1])
+    return codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
+
+
+def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (R, in) -> int8 values (4R, in); row i * R + r comes from bits 2i, 2i + 1 of row r."""
+    return torch.cat([(packed >> (2 * i)) & 3 for i in range(4)]).to(torch.int8) - 1
+
+
+def tile_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """The native kernel's layout of the same bytes (csrc/ternary.c): 64-byte tiles of 16 packed rows by 4
+    columns, (blocks, groups, 16, 4) with byte (16b + l, 4g + j) at [b, g, l, j]; zero-padded to whole tiles."""
+    packed_rows, columns = packed.shape
+    padded = torch.zeros(-(-packed_rows // 16) * 16, -(-columns // 4) * 4, dtype=torch.uint8)
+    padded[:packed_rows, :columns] = packed
+    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 4, 4).transpose(1, 2).contiguous()
+
+
+def check_ternary_codes(packed: torch.Tensor, name: str):
+    """Raise CheckpointError naming the tensor if any 2-bit code is 3 (binary 11, no ternary value)."""
+    lib = native.load()
+    flat = packed.contiguous().view(-1)
+    if lib is not None:
+        first = lib.trillm_ternary_find_invalid(flat.data_ptr(), flat.numel())
+    else:
+        invalid = ((flat & (flat >> 1)) & 0x55).nonzero()
+        first = int(invalid[0]) if len(invalid) else -1
+    if first >= 0:
+        packed_row, column = divmod(first, packed.shape[-1])
+        byte = int(flat[first])
+        bit_pair = next(i for i in range(4) if (byte >> (2 * i)) & 3 == 3)
+        row = packed_row + bit_pair * packed.shape[0]
+        raise CheckpointError(f"{name}: invalid ternary code 0b11 for the weight at row {row}, column {column} "
+                              f"(codes are w + 1: 00 = -1, 01 = 0, 10 = +1)")
+
+
+def check_ternary(weight: TernaryTensor):
+    """Raise ValueError unless the packed codes, scale and shape agree."""
+    out_features, in_features = weight.shape
+    if out_features % 4:
+        raise ValueError(f"ternary weights pack 4 rows a byte; {out_features} output rows are not a multiple of 4")
+    if weight.packed.dtype != torch.uint8 or tuple(weight.packed.shape) != (out_features // 4, in_features):
+        raise ValueError(f"ternary weight of shape {weight.shape} needs uint8 codes of shape "
+                         f"{(out_features // 4, in_features)}, got {weight.packed.dtype} {tuple(weight.packed.shape)}")
+    if weight.scale.numel() not in (1, out_features) or not weight.scale.is_floating_point():
+        raise ValueError(f"a ternary weight scale has 1 or {out_features} entries, got {tuple(weight.scale.shape)}")
+    if not 0 < in_features <= MAX_IN_FEATURES:
+        raise ValueError(f"ternary weights take 1 to {MAX_IN_FEATURES} input features, not {in_features}")
+
+
+def concat_ternary_rows(weights: list[TernaryTensor]) -> TernaryTensor:
+    """One weight whose rows are the given weights' rows, in order, each keeping its scale (as a per-row
+    vector). The interleaving of the layout depends on the row count, so the codes are repacked."""
+    in_features = weights[0].shape[1]
+    for weight in weights:
+        check_ternary(weight)
+        if weight.shape[1] != in_features:
+            raise ValueError(f"cannot concatenate rows of ternary weights with {weight.shape[1]} and {in_features} "
+                             "columns")
+    values = torch.cat([unpack_ternary(weight.packed) for weight in weights])
+    scale = torch.cat([weight.scale.float().reshape(-1).expand(weight.shape[0]) for weight in weights])
+    return TernaryTensor(pack_ternary(values), scale.contiguous(), (values.shape[0], in_features))
+
+
+# ---- Quantization, as transformers computes it --------------------------------------------------------
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) int8 values and scales: transformers' BitLinear.activation_quant."""
+    scale = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)  # torch: reciprocal(max) * 127
+    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale
+
+
+def ternarize_absmean(weight: torch.Tensor) -> TernaryTensor:
+    """A dense master weight to ternary as transformers' AutoBitLinear does online (WeightQuant): scale =
+    1 / mean|w|, values round(w * scale) clamped to [-1, 1]; the weight it stands for is values / scale."""
+    weight = weight.float()
+    scale = 1.0 / weight.abs().mean().clamp(min=1e-5)
+    values = (weight * scale).round().clamp(-1, 1).to(torch.int8)
+    return TernaryTensor(pack_ternary(values), scale.reshape(1), tuple(weight.shape))
+
+
+# ---- Linear layers -----------------------------------------------------------------------------------
+
+class ReferenceTernaryLinear(nn.Module):
+    """TernaryLinear's reference twin: transformers' BitLinear arithmetic in float32, the codes unpacked on
+    every call."""
+
+    def __init__(self, weight: TernaryTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        check_ternary(weight)
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.stored_bytes = weight.packed.numel() + weight.scale.numel() * weight.scale.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, act_scale = quantize_activations(x.float())
+        y = F.linear(values.float(), unpack_ternary(self.weight.packed).float())  # exact integers
+        y = y / (act_scale * self.weight.scale.float())
+        return y if self.bias is None else y + self.bias
+
+
+def kernel_isa() -> int:
+    name = os.environ.get("TRILLM_TERNARY_ISA", "best")
+    if name not in ISAS:
+        raise ValueError(f"TRILLM_TERNARY_ISA={name!r}: choose one of {', '.join(ISAS)}")
+    return ISAS[name]
+
+
+class TernaryLinear(nn.Module):
+    """y = x W^T by the native kernel (csrc/ternary.c), from the 2-bit codes retiled once for it.
+
+    `isa` forces an instruction set ("c", "avx2", "avx512"); by default the best this CPU runs.
+    """
+
+    def __init__(self, weight: TernaryTensor, bias: torch.Tensor | None = None, isa: str | None = None):
+        super().__init__()
+        check_ternary(weight)
+        lib = native.load()
+        if lib is None:
+            raise RuntimeError("the native kernels are unavailable; use ReferenceTernaryLinear instead")
+        self.tiles = tile_ternary(weight.packed)  # the only copy of the weights this layer keeps
+        self.scale = weight.scale.float().reshape(-1).contiguous()
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.stored_bytes = self.tiles.numel() + self.scale.numel() * 4
+        self.isa = kernel_isa() if isa is None else ISAS[isa]
+        self._matmul = functools.partial(lib.trillm_ternary_matmul, self.isa, self.tiles.data_ptr(),
+                                         self.out_features, self.in_features, self.scale.data_ptr(),
+                                         self.scale.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the kernel would read past x
+            raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = torch.empty((*x.shape[:-1], self.out_features))
+        code = self._matmul(x.data_ptr(), x.numel() // self.in_features, y.data_ptr())
+        if code:
+            raise RuntimeError(f"ternary kernel: {KERNEL_ERRORS.get(code, f'error {code}')}")
+        if self.bias is not None:
+            y += self.bias
+        return y
