@@ -24,6 +24,14 @@
  * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16 + _mm256_madd_epi16, plain C row by
  * row; the instruction set is chosen at run time (__builtin_cpu_supports), so one library serves any
  * x86-64 CPU, and the caller can force one (tests run all three).
+ *
+ * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
+ * one token 25-40 GB/s of weights, as fast as the plain read; 8 tokens or more ~400 G int8 MACs/s,
+ * 128-token prefill ~200 tokens/s over 30 layers, 5-8x torch's float32 matmul on decoded weights. Tried
+ * and dropped, each exact: the codes read in checkpoint order (a dot product per packed row, lanes over
+ * columns, horizontal sums; at 8+ tokens ~280 G MACs/s), two bit masks per row (x where +1 minus x where
+ * -1: 2.5x slower in cache), bitnet.cpp TL1-style lookup tables of pair sums (vpshufb on low and high
+ * bytes, int16 sums: 2.2x slower in cache). From memory at one token all reach about the same speed.
  */
 #include <stdlib.h>
 
