@@ -205,13 +205,13 @@ def test_2b4t_preset_loads_and_decodes(tmp_path):
         assert file.get_slice("model.layers.29.mlp.down_proj.weight").get_shape() == [640, 6912]
         assert file.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [160, 2560]
     model = trillm.load(tmp_path)
-    assert isinstance(model.network.head.weight, GGMLTensor)  # the default Q8_0 head
+    assert isinstance(model.network.head.weight, GGMLTensor)  # the default Q6_K head
     reply = list(model.generate_ids(model.chat_prompt([{"role": "user", "content": "Hi"}]), max_new_tokens=3,
                                     sampling=Sampling(temperature=0)))
     assert len(reply) == 3
 
 
-# ---- The output head: bf16, or quantized to Q8_0 at load ------------------------------------------------
+# ---- The output head: bf16, or quantized to Q8_0 or Q6_K at load -----------------------------------------
 
 def test_q8_0_quantizer_equals_gguf():
     generator = torch.Generator().manual_seed(0)
@@ -225,25 +225,45 @@ def test_q8_0_quantizer_equals_gguf():
     assert ours.data[1, 2:10].view(torch.int8).tolist() == [127, 1, 2, -1, -2, 3, 64, -64]
 
 
-def test_q8_0_head_is_the_bitnet_default_and_close_to_bf16(tmp_path):
+def test_q8_0_head_is_close_to_bf16(tmp_path):
     write_bitnet(tmp_path, bitnet_config(**SMALL, **CONFIGS["mha-autobitlinear-tied"]), tokenizer=False)
-    default, exact = trillm.load(tmp_path), trillm.load(tmp_path, head="bf16")
-    assert isinstance(default.network.head.weight, GGMLTensor)
-    assert default.network.head.stored_bytes == 101 * 64 // 32 * 34  # vs 101 * 64 * 2 in bf16
+    quantized, exact = trillm.load(tmp_path), trillm.load(tmp_path, head="bf16")
+    # 64 columns do not split in Q6_K's blocks of 256: the default head is Q8_0
+    assert quantized.network.head.weight.type == gguf.GGMLQuantizationType.Q8_0
+    assert quantized.network.head.stored_bytes == 101 * 64 // 32 * 34  # vs 101 * 64 * 2 in bf16
     ids = random_ids(101)
     expected = exact.forward(ids)
-    difference = default.forward(ids) - expected
+    difference = quantized.forward(ids) - expected
     # Measured: max 0.108 and rms 0.03 for logits of std 4.3 (2B4T's shape: 0.13 and 0.02 for std 4.2).
     assert 0 < difference.abs().max() < 0.05 * expected.std()
     assert difference.pow(2).mean().sqrt() < 0.01 * expected.std()
+
+
+def test_q6_k_head_is_the_bitnet_default_and_close_to_bf16(tmp_path):
+    shape = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384,
+                 tie_word_embeddings=True, quantization_config=AUTOBITLINEAR_OFFLINE)
+    write_bitnet(tmp_path, bitnet_config(**SMALL, **shape), tokenizer=False)
+    default, exact = trillm.load(tmp_path), trillm.load(tmp_path, head="bf16")
+    head = default.network.head
+    assert head.weight.type == gguf.GGMLQuantizationType.Q6_K and head.int8_activations
+    assert head.stored_bytes == 101 * 210  # vs 101 * 256 * 2 in bf16
+    # 20 tokens go through the int8 kernel, 46 (a prefill) through float activations
+    for ids in (random_ids(101, (1, 20)), random_ids(101)):
+        expected = exact.forward(ids)
+        difference = default.forward(ids) - expected
+        # Measured: max 0.39 and 0.30, rms 0.089 and 0.078 for logits of std 4.2 (int8 and float activations;
+        # 2B4T's shape: 0.51 and 0.086 with int8 activations).
+        assert 0 < difference.abs().max() < 0.15 * expected.std()
+        assert difference.pow(2).mean().sqrt() < 0.03 * expected.std()
 
 
 def test_head_option(tmp_path):
     write_bitnet(tmp_path, bitnet_config(**SMALL, **CONFIGS["gqa3-odd-heads-head_dim-12"]), tokenizer=False)
     with pytest.raises(TrillmError, match="invalid output head format 'q4'"):
         trillm.load(tmp_path, head="q4")
-    # 108 columns do not split in blocks of 32: the head stays bf16.
-    assert not isinstance(trillm.load(tmp_path, head="q8_0").network.head.weight, GGMLTensor)
+    # 108 columns do not split in blocks of 32 (or 256): the head stays bf16, with a warning.
+    for head in ("q8_0", "q6_k", None):
+        assert not isinstance(trillm.load(tmp_path, head=head).network.head.weight, GGMLTensor)
 
 
 def test_llama_takes_a_q8_0_head(tmp_path):

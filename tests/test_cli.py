@@ -46,3 +46,12 @@ def test_bench_json_reports_speeds():
     assert ours["prefill_tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0
     assert 50 < ours["weights_mb_per_token"] < 150  # Q4_1 projections + Q8_0 head, about 96 MB
     assert ours["peak_rss_mb"] > 0
+
+
+def test_model_commands_take_every_head_format():
+    from trillm.cli import build_parser
+    from trillm.models.layers import HEAD_FORMATS
+
+    for command in (["generate", "-p", "x"], ["chat"], ["bench"]):
+        for head in HEAD_FORMATS:
+            assert build_parser().parse_args([*command, "--head", head]).head == head

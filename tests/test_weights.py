@@ -20,6 +20,7 @@ from trillm.weights.ggml import (
     ReferenceGGMLEmbedding,
     ReferenceGGMLLinear,
     dequantize_ggml,
+    quantize_q6_k,
 )
 
 Q = GGMLQuantizationType
@@ -91,6 +92,35 @@ def test_unsupported_or_inconsistent_ggml_is_refused():
         make_linear(GGMLTensor(Q.Q2_K, torch.zeros(4, 84, dtype=torch.uint8), (4, 256)))
     with pytest.raises(ValueError, match="needs uint8 data of shape"):
         make_linear(GGMLTensor(Q.Q8_0, torch.zeros(4, 33, dtype=torch.uint8), (4, 32)))
+    with pytest.raises(ValueError, match="no int8-activation kernel for Q8_0"):
+        make_linear(random_ggml(Q.Q8_0, 4, 32), int8_activations=True)
+
+
+def test_q6_k_quantizer_blocks_decode_as_gguf_reads_them():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(301, 512, generator=generator) * torch.rand(301, 1, generator=generator)
+    weight[0, :256] = 0  # an all-zero block
+    weight[1, :16] = 0  # an all-zero sub-block
+    weight[2, 5] = 40.0  # an outlier: the other sub-blocks' scales become small integers
+    done = []
+    quantized = quantize_q6_k(weight.bfloat16(), lambda start, end: done.append((start, end)))
+    assert quantized.type == Q.Q6_K and quantized.shape == (301, 512) and quantized.data.shape == (301, 2 * 210)
+    assert done[0][0] == 0 and done[-1][1] == 301 and all(a[1] == b[0] for a, b in zip(done, done[1:]))
+    decoded = dequantize_ggml(quantized)
+    assert torch.equal(decoded, torch.from_numpy(gguf.quants.dequantize(quantized.data.numpy(), Q.Q6_K)))
+
+    # Each weight is within a step of its block's largest sub-block scale (max|w| / 32): half a step, but
+    # +max and -max in one sub-block put one of them on the code 32, one past the largest (31). The rms
+    # error is what this scale choice gives Gaussian weights: 1.9% of their rms (llama.cpp's search: 1.8%).
+    weight = weight.bfloat16().float()
+    error = (decoded - weight).reshape(-1, 256)
+    assert (error.abs() <= weight.reshape(-1, 256).abs().amax(dim=1, keepdim=True) / 32 * 1.01).all()
+    assert torch.equal(decoded[0, :256], torch.zeros(256)) and torch.equal(decoded[1, :16], torch.zeros(16))
+    gaussian = torch.randn(200, 2560, generator=generator)
+    relative_rms = (dequantize_ggml(quantize_q6_k(gaussian)) - gaussian).pow(2).mean().sqrt()
+    assert 0.017 < relative_rms < 0.02
+    with pytest.raises(ValueError, match="Q6_K rows hold blocks of 256 weights; 96 columns do not fit"):
+        quantize_q6_k(torch.zeros(2, 96))
 
 
 # ---- Native kernels against their reference twins -----------------------------------------------
@@ -133,6 +163,50 @@ def test_threads_split_rows_without_changing_results(qtype):
     native.set_num_threads(0)
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     assert_matmul_close(outputs[0], ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
+
+
+def int8_test_inputs(tokens: int, cols: int) -> torch.Tensor:
+    """Activations with outliers, and a block whose scale is 1 (max 127), so that x * 127 / max|x| hits
+    halves: the kernel must round them to even as the reference does."""
+    x = torch.randn(tokens, cols) * torch.rand(tokens, 1) * 4
+    x[0, 7] = 30.0
+    x[0, -256:] = (torch.arange(256) - 128) / 2  # -64, -63.5, ..., 63.5
+    x[0, -256] = 127.0
+    return x
+
+
+def assert_int8_matmul_equal(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """The int8 kernel's integer sums are exact: only the float32 rounding of the block totals, their scales
+    and their sum remains, ~1e-7 of the largest sum of |w| |x|. One activation rounded differently (a scale
+    computed another way) moves results by its step times |w|, far more."""
+    scale = (x.abs().reshape(-1, x.shape[-1]).double() @ weight.abs().double().T).max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6 * scale)
+
+
+@requires_native
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 20, 40])
+def test_q6_k_int8_kernel_equals_its_reference(tokens):
+    """Random bytes reach the extremes (codes 0 and 63, scales -128 and 127) the int16 steps must hold."""
+    for rows, cols in ((7, 256), (33, 768), (100, 2560)):
+        weight = random_ggml(Q.Q6_K, rows, cols, seed=rows)
+        x = int8_test_inputs(tokens, cols)
+        native_layer = GGMLLinear(weight, int8_activations=True)
+        actual, expected = native_layer(x), ReferenceGGMLLinear(weight, int8_activations=True)(x)
+        float_matmul = ReferenceGGMLLinear(weight)(x)
+        if tokens > native.KERNEL_MAX_TOKENS:  # prefill: float activations, as for every format
+            assert_matmul_close(actual, float_matmul, x, dequantize_ggml(weight))
+            continue
+        assert_int8_matmul_equal(actual, expected, x, dequantize_ggml(weight))
+        # The same matmul up to the activations' rounding: at most half a step (max|x| / 127 of its block)
+        # times |w| for each product.
+        half_steps = (x.abs().unflatten(-1, (-1, 256)).amax(dim=-1, keepdim=True) / 254).expand(-1, -1, 256)
+        bound = half_steps.flatten(1) @ dequantize_ggml(weight).abs().T
+        assert ((actual - float_matmul).abs() <= bound * 1.001 + 1e-4).all()
+        native.set_num_threads(1)
+        single_thread = native_layer(x)
+        native.set_num_threads(0)
+        assert torch.equal(single_thread, actual)
+        assert native_layer(x[:0]).shape == (0, rows)
 
 
 @requires_native
@@ -269,6 +343,11 @@ def test_avx2_and_plain_c_kernels_equal_reference(march, fresh_native, monkeypat
             x = torch.randn(tokens, weight.shape[1])
             assert_matmul_close(GGMLLinear(weight)(x), ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
         assert torch.equal(GGMLEmbedding(weight)(torch.tensor([32, 0])), dequantize_ggml(weight)[[32, 0]])
+    weight = random_ggml(Q.Q6_K, 33, 768)
+    for tokens in (1, 5):
+        x = int8_test_inputs(tokens, 768)
+        assert_int8_matmul_equal(GGMLLinear(weight, int8_activations=True)(x),
+                                 ReferenceGGMLLinear(weight, int8_activations=True)(x), x, dequantize_ggml(weight))
     for dtype in DENSE_DTYPES:
         weight, x = torch.randn(33, 90).to(dtype), torch.randn(3, 90)
         assert_matmul_close(DenseLinear(weight)(x), ReferenceDenseLinear(weight)(x), x, weight.float())

@@ -28,13 +28,13 @@ def random_prompt(vocab_size: int, length: int) -> list[int]:
 
 
 class TrillmRunner:
-    def __init__(self, model_source: str, dtype: str):
+    def __init__(self, model_source: str, dtype: str, head: str | None = None):
         import torch
 
         import trillm
 
         self.torch = torch
-        self.model = trillm.load(model_source)
+        self.model = trillm.load(model_source, head=head)
         self.vocab_size = self.model.config.vocab_size
         self.weight_bytes = weights_read_per_token(self.model.network)
 
@@ -67,6 +67,7 @@ class TransformersRunner:
         options = {"gguf_file": path.name} if path.is_file() else {}
         folder = path.parent if path.is_file() else path
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **options).eval()
+        self.model.to(getattr(torch, dtype))  # BitNet keeps its unpacked weights and norms in bf16 otherwise
         self.vocab_size = self.model.config.vocab_size
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -130,7 +131,7 @@ def weights_read_per_token(network) -> int:
     return total
 
 
-def worker_main(engine: str, model_source: str, dtype: str, n_prompt: int, n_gen: int):
+def worker_main(engine: str, model_source: str, dtype: str, head: str | None, n_prompt: int, n_gen: int):
     """Load, report ready, then answer each `run` line with one measured run as JSON."""
     import torch
 
@@ -141,7 +142,7 @@ def worker_main(engine: str, model_source: str, dtype: str, n_prompt: int, n_gen
 
         set_num_threads(threads)
     try:
-        runner = RUNNERS[engine](model_source, dtype)
+        runner = RUNNERS[engine](model_source, dtype, **({"head": head} if engine == "trillm" else {}))
     except Exception as error:  # reported by the parent as one line
         print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
         return
@@ -168,7 +169,7 @@ class Worker:
             # threads spin only while it runs, and the engines take turns, so its own default is fair.
             del env["OMP_WAIT_POLICY"]
         command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
-                   str(args.n_prompt), str(args.n_gen)]
+                   args.head or "", str(args.n_prompt), str(args.n_gen)]
         self.engine = engine
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.weight_bytes = self.receive()["weight_bytes"]
@@ -268,5 +269,5 @@ def format_report(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    engine, model_source, dtype, n_prompt, n_gen = sys.argv[1:6]
-    worker_main(engine, model_source or None, dtype, int(n_prompt), int(n_gen))
+    engine, model_source, dtype, head, n_prompt, n_gen = sys.argv[1:7]
+    worker_main(engine, model_source or None, dtype, head or None, int(n_prompt), int(n_gen))

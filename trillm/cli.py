@@ -18,9 +18,9 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
                         help="context length in tokens (default: the model's own)")
-    parser.add_argument("--head", default=None, choices=["bf16", "q8_0"],
-                        help="output head in memory: bf16 (exact) or q8_0 (47%% fewer bytes a token) "
-                             "(default: as stored; q8_0 for BitNet)")
+    parser.add_argument("--head", default=None, choices=["bf16", "q8_0", "q6_k"],
+                        help="output head in memory: bf16 (exact), q8_0 (47%% fewer bytes a token) or q6_k "
+                             "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
@@ -131,12 +131,17 @@ def command_bench(args):
 
 
 def command_synth(args):
-    from trillm.checkpoint.synthetic import has_llama3_vocabulary, write_preset
+    from pathlib import Path
 
-    folder = write_preset(args.preset, args.out_dir, layout=args.layout, seed=args.seed)
-    size = sum(path.stat().st_size for path in folder.iterdir()) / 1e6
-    print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {folder}: {size:.0f} MB")
-    if not (folder / "tokenizer.json").is_file():
+    from trillm.checkpoint.synthetic import GGUF_LAYOUTS, has_llama3_vocabulary, write_preset
+
+    if args.layout in GGUF_LAYOUTS and Path(args.out).suffix != ".gguf":
+        raise TrillmError(f"with --layout {args.layout}, OUT is the .gguf file to write, not {args.out!r}")
+    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed)
+    size = (out.stat().st_size if out.is_file() else sum(path.stat().st_size for path in out.iterdir())) / 1e6
+    print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {out}: {size:.0f} MB")
+    has_tokenizer = has_llama3_vocabulary() if out.is_file() else (out / "tokenizer.json").is_file()
+    if not has_tokenizer:
         reason = "" if has_llama3_vocabulary() else " (install quicktok-v1 for the Llama 3 vocabulary)"
         print(f"note: no tokenizer written{reason}; only forward() on token ids works", file=sys.stderr)
 
@@ -181,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a random-weight checkpoint in a real release's exact layout")
     synth.add_argument("preset", choices=list(PRESETS), help="the model's shape")
-    synth.add_argument("out_dir", help="folder to write (created if needed)")
+    synth.add_argument("out", metavar="OUT", help="folder to write (created if needed); the .gguf file with "
+                                                  "--layout tq2_0 or tq1_0")
     synth.add_argument("--layout", default="packed", choices=list(LAYOUTS),
-                       help="packed: the release's uint8 ternary codes + weight_scale; bf16: the bf16 master weights")
+                       help="packed: the release's uint8 ternary codes + weight_scale; bf16: the bf16 master "
+                            "weights; tq2_0, tq1_0: the packed weights as one GGUF file in llama.cpp's ternary "
+                            "types, as its converter writes them")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     synth.set_defaults(run=command_synth)
     return parser

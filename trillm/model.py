@@ -6,9 +6,10 @@ import torch
 
 from trillm.chat import render_chat
 from trillm.checkpoint import open_checkpoint
+from trillm.checkpoint.pages import trim_heap
 from trillm.engine import Sampling, Session, generate_ids, stream_text
 from trillm.errors import CheckpointError, TrillmError
-from trillm.models.bitnet import load_bitnet
+from trillm.models.bitnet import load_bitnet, load_bitnet_gguf
 from trillm.models.layers import HEAD_FORMATS
 from trillm.models.llama import load_llama
 
@@ -17,6 +18,7 @@ FAMILIES = {
     "LlamaForCausalLM": load_llama,
     "llama": load_llama,
     "BitNetForCausalLM": load_bitnet,
+    "bitnet": load_bitnet_gguf,
 }
 
 
@@ -87,5 +89,9 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None) -> M
             f"{checkpoint.path}: unsupported architecture {checkpoint.architecture!r} "
             f"(supported: {', '.join(sorted(FAMILIES))})"
         )
+    # The tokenizer first, then its scratch handed back: building a 128k vocabulary passes through ~150 MB
+    # that would otherwise sit beside the weights at the peak.
+    tokenizer = checkpoint.tokenizer()
+    trim_heap()
     network = family(checkpoint, head=head)
-    return Model(network, checkpoint.tokenizer(), str(checkpoint.path), checkpoint.generation_config(), ctx_size)
+    return Model(network, tokenizer, str(checkpoint.path), checkpoint.generation_config(), ctx_size)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from trillm.checkpoint.pages import drop_pages
 from trillm.errors import CheckpointError
 from trillm.weights.ggml import GGMLTensor
 
@@ -134,17 +135,16 @@ class GGUFCheckpoint:
             return data.view(DENSE_TYPES[ggml_type]).reshape(stored_shape)
         return GGMLTensor(ggml_type, data, stored_shape)
 
-    def release(self, name: str):
-        """Drop a tensor's pages from this process's resident memory: call once the model holds its own
-        copy (fused or reordered weights), so the file's copy stops counting against memory."""
+    def release(self, name: str, rows: tuple[int, int] | None = None):
+        """Drop a tensor's pages (or those of rows [start, end)) from resident memory, once the model holds
+        its own copy (fused or reordered weights), so the file's copy stops counting (see pages.py)."""
         ggml_type, dims, offset = self.infos[name]
         block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        size = int(np.prod(dims, dtype=np.int64)) // block_size * block_bytes
-        start = self.data_start + offset
-        first_page = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last_page = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last_page > first_page:
-            self.map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+        row_bytes = dims[0] // block_size * block_bytes
+        first, end = rows or (0, int(np.prod(dims[1:], dtype=np.int64)))
+        base = self.file.ctypes.data
+        drop_pages((base, base + len(self.file)), base + self.data_start + offset + first * row_bytes,
+                   (end - first) * row_bytes)
 
     def generation_config(self) -> dict:
         return {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from trillm.checkpoint.pages import drop_pages, file_mapping
 from trillm.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,6 +61,7 @@ class HFCheckpoint:
         self.config = config
         self.tensor_files = find_tensor_files(folder)
         self._open_files = {}
+        self._mappings = {}  # file -> the address range safetensors maps it at
 
     @property
     def architecture(self) -> str:
@@ -86,8 +88,19 @@ class HFCheckpoint:
         check_shape(path, name, tuple(tensor.shape), shape)
         return tensor
 
-    def release(self, name: str):
-        """Nothing to do: safetensors owns its memory maps (see GGUFCheckpoint.release)."""
+    def release(self, name: str, rows: tuple[int, int] | None = None):
+        """Drop a tensor's file pages (or those of rows [start, end)) from resident memory, once the model
+        holds its own copy (see pages.py). Anything not inside the file's memory map is left alone."""
+        tensor = self.get(name)
+        row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() else tensor.element_size()
+        first, end = rows or (0, len(tensor) if tensor.dim() else 1)
+        address = tensor.data_ptr() + first * row_bytes
+        path = self.file_of(name)
+        mapping = self._mappings.get(path)
+        if mapping is None or not mapping[0] <= address < mapping[1]:
+            mapping = self._mappings[path] = file_mapping(path, address)
+        if mapping is not None:
+            drop_pages(mapping, address, (end - first) * row_bytes)
 
     def generation_config(self) -> dict:
         path = self.path / "generation_config.json"

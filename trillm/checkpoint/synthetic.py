@@ -7,6 +7,8 @@ packing (uint8 [out/4, in] projections + bf16 weight_scale [1], bf16 norms and e
 tied), generation_config.json, and, when the `quicktok` package provides the Llama 3 vocabulary,
 tokenizer.json + tokenizer_config.json with the model's chat template. `layout="bf16"` writes the bf16
 master layout instead (microsoft/bitnet-b1.58-2B-4T-bf16: dense bf16 projections, no weight_scale).
+`write_bitnet_gguf` writes the packed folder's weights as one GGUF file, laid out as llama.cpp's converter
+writes BitNet in its TQ2_0 or TQ1_0 types (`layout="tq2_0"` / `"tq1_0"` of `write_preset`).
 
 The weights are random but keep activations at a sensible scale through the layers, so the logits are
 spread like a trained model's rather than flat or saturated. The safetensors file is written one tensor
@@ -17,16 +19,21 @@ import base64
 import copy
 import importlib.util
 import json
+import logging
 import math
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
-from trillm.models.bitnet import BitNetConfig
-from trillm.weights.ternary import pack_ternary
+from trillm.models.bitnet import GGUF_NAMES, NAMES, BitNetConfig, gguf_layer_names, layer_names
+from trillm.weights.ggml import quantize_q8_0
+from trillm.weights.ternary import pack_ternary, unpack_ternary
 
 # microsoft/bitnet-b1.58-2B-4T's config.json (seeds/002); its quantization_config as the packed release
 # has it: "offline" packed weights whose weight_scale multiplies the output ("autobitlinear").
@@ -58,7 +65,8 @@ BITNET_2B4T_CONFIG = {
 # The bf16 master weights are ternarized on the fly: the quantization_config that seeds/002 lists.
 MASTER_QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
 
-LAYOUTS = ("packed", "bf16")
+# Folders ("packed", "bf16") and GGUF files of llama.cpp's ternary types (the packed weights).
+LAYOUTS = ("packed", "bf16", "tq2_0", "tq1_0")
 
 # Shapes on top of BITNET_2B4T_CONFIG. The small ones keep the real vocabulary so the tokenizer fits.
 PRESETS = {
@@ -114,8 +122,12 @@ def write_bitnet(folder: str | Path, config: dict, seed: int = 0, tokenizer: boo
     return folder
 
 
-def write_preset(preset: str, folder: str | Path, layout: str = "packed", seed: int = 0) -> Path:
-    return write_bitnet(folder, bitnet_config(preset, layout), seed)
+def write_preset(preset: str, out: str | Path, layout: str = "packed", seed: int = 0) -> Path:
+    """A preset's folder, or with a GGUF layout ("tq2_0", "tq1_0") its .gguf file; the same seed gives the
+    same weights in every layout but "bf16"."""
+    if layout in GGUF_LAYOUTS:
+        return write_bitnet_gguf(out, bitnet_config(preset), layout, seed)
+    return write_bitnet(out, bitnet_config(preset, layout), seed)
 
 
 def has_llama3_vocabulary() -> bool:
@@ -212,6 +224,147 @@ def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None =
                 file.write(data.tobytes())
                 written += data.size
             assert written == header[name]["data_offsets"][1] - header[name]["data_offsets"][0], name
+
+
+# ---- GGUF: the same weights, as llama.cpp's converter writes a BitNet checkpoint --------------------------
+
+GGUF_LAYOUTS = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
+GGUF_FILE_TYPES = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}
+GGUF_EMBEDDING_TYPES = (GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0)
+
+
+def write_bitnet_gguf(path: str | Path, config: dict, layout: str = "tq2_0", seed: int = 0, tokenizer: bool = True,
+                      embedding_type: GGMLQuantizationType = GGMLQuantizationType.F16) -> Path:
+    """Write the weights `write_bitnet` writes for this packed config.json and seed as one GGUF file, laid out
+    as llama.cpp's converter (convert_hf_to_gguf.py, BitnetModel, --outtype tq2_0 or tq1_0) writes them (see
+    `load_bitnet_gguf`): each projection as its ternary values times weight_scale in TQ2_0 / TQ1_0 blocks
+    (F16 where a row is not whole 256-weight blocks, the converter's fallback), norms F32, token_embd F16 (or
+    Q8_0: llama.cpp's quantizer would pick Q6_K, which gguf cannot write), the tokenizer when `write_bitnet`
+    would write one. `bitnet.hidden_activation` says "relu2", which llama.cpp does not know (its bitnet
+    graph then runs SiLU). Tensors are converted one at a time, in the order they are generated."""
+    c = BitNetConfig.from_hf(config)
+    if not c.packed or c.scale_divides:
+        raise ValueError("GGUF layouts hold the packed release's weights: the config needs quantization_config "
+                         "linear_class 'autobitlinear', quantization_mode 'offline'")
+    if layout not in GGUF_LAYOUTS or embedding_type not in GGUF_EMBEDDING_TYPES:
+        raise ValueError(f"unknown GGUF layout {layout!r} or embedding type {embedding_type!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "bitnet")
+    add_gguf_metadata(writer, config, c, GGUF_FILE_TYPES[layout])
+    if tokenizer and c.vocab_size == LLAMA3_VOCAB_SIZE and has_llama3_vocabulary():
+        with tempfile.TemporaryDirectory() as scratch:
+            write_llama3_tokenizer(Path(scratch), c.max_position_embeddings)
+            add_gguf_vocabulary(writer, Path(scratch), c.vocab_size)
+
+    # The weights come in name order, each projection's codes right before its weight_scale: the GGUF tensor
+    # infos list them in that order, without the scales (folded into the blocks), then the data follows.
+    tensors = bitnet_tensors(config, seed)
+    names = gguf_tensor_names(c.num_layers)
+    plan = []  # (type, logical shape) of each tensor written
+    for name, dtype, shape, slices in tensors:
+        if name.endswith(".weight_scale"):
+            continue
+        if dtype == torch.uint8:  # a projection: rows that are not whole blocks fall back to F16
+            shape = (shape[0] * 4, shape[1])
+            ggml_type = GGUF_LAYOUTS[layout] if shape[1] % 256 == 0 else GGMLQuantizationType.F16
+        else:
+            ggml_type = embedding_type if len(shape) == 2 else GGMLQuantizationType.F32
+        plan.append((ggml_type, shape))
+        block_size, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+        writer.add_tensor_info(names[name], shape, np.dtype(np.float32), math.prod(shape) // block_size * block_bytes,
+                               raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    plan = iter(plan)
+    for name, dtype, shape, slices in tensors:
+        if dtype == torch.uint8:
+            (codes,) = slices()  # written with its weight_scale, next
+            continue
+        if name.endswith(".weight_scale"):
+            (weight_scale,) = slices()
+            weights = unpack_ternary(codes).float() * weight_scale.float()  # exact: w = code * weight_scale
+            pieces = [weights]
+        else:
+            pieces = slices()
+        ggml_type, shape = next(plan)
+        done = 0  # rows converted: the embedding arrives in slices, into one array (not two)
+        for piece in pieces:
+            converted = gguf_data(piece, ggml_type)
+            if done == 0:
+                data = np.empty((shape[0], *converted.shape[1:]), dtype=converted.dtype)
+            data[done:done + len(converted)] = converted
+            done += len(converted)
+        writer.write_tensor_data(data)
+    writer.close()
+    return path
+
+
+def gguf_data(weights: torch.Tensor, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """Weights (rows, cols) or (n,) as a GGUF tensor's data, quantized as the converter does."""
+    if ggml_type == GGMLQuantizationType.Q8_0:
+        return quantize_q8_0(weights).data.numpy()  # byte for byte gguf's, 10x faster
+    return gguf.quants.quantize(weights.float().numpy(), ggml_type)
+
+
+def gguf_tensor_names(num_layers: int) -> dict:
+    """Hugging Face tensor name -> llama.cpp's (gguf's TensorNameMap for MODEL_ARCH.BITNET)."""
+    names = {NAMES[key]: GGUF_NAMES[key] for key in NAMES}
+    for i in range(num_layers):
+        hf, gguf_names = layer_names(i), gguf_layer_names(i)
+        names.update({hf[key]: gguf_names[key] for key in hf})
+    return names
+
+
+def add_gguf_metadata(writer: gguf.GGUFWriter, config: dict, c: BitNetConfig, file_type: gguf.LlamaFileType):
+    """The keys llama.cpp's converter writes for BitNet (TextModel.set_gguf_parameters + BitnetModel's linear
+    rope scaling of 1), plus bitnet.vocab_size (so that a file without a vocabulary still says its size) and
+    bitnet.hidden_activation."""
+    writer.add_name("BitNet b1.58 (random weights)")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(file_type)
+    writer.add_block_count(c.num_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if "head_dim" in config:
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(1.0)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_string("bitnet.hidden_activation", config.get("hidden_act", "relu2"))
+
+
+def add_gguf_vocabulary(writer: gguf.GGUFWriter, folder: Path, vocab_size: int):
+    """tokenizer.ggml.* from a Llama 3 tokenizer.json, as the converter's _set_vocab_gpt2 writes them:
+    byte-level pieces by id, added tokens CONTROL when special, pre-tokenizer "llama-bpe" (what its hash of
+    the Llama 3 tokenizer names), then merges, BOS/EOS ids, add_bos and the chat template (gguf.SpecialVocab)."""
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for piece, token_id in data["model"]["vocab"].items():
+        tokens[token_id], types[token_id] = piece, gguf.TokenType.NORMAL
+    for added in data["added_tokens"]:
+        special = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        tokens[added["id"]], types[added["id"]] = added["content"], special
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    vocab_log = logging.getLogger("gguf.vocab")  # it warns that the BOS template has no pair form: harmless
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+    finally:
+        vocab_log.setLevel(level)
 
 
 # ---- Tokenizer: the Llama 3 vocabulary from quicktok, saved as a tokenizer.json --------------------------

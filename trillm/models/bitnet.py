@@ -18,6 +18,8 @@ layers (integrations/bitnet.py). config.json's quantization_config says how the 
 - dense, "autobitlinear" + "online" (the bf16 master weights, microsoft/bitnet-b1.58-2B-4T-bf16): bf16
   [out, in], which transformers ternarizes by absmean on every forward; here once, at load.
 Either way the weights factory receives `TernaryTensor`s and multiplies straight from the 2-bit codes.
+GGUF files of llama.cpp's "bitnet" architecture (TQ2_0 or TQ1_0 blocks) are repacked into the same
+layout at load: see `load_bitnet_gguf`.
 """
 
 from dataclasses import dataclass
@@ -30,40 +32,31 @@ from trillm.errors import CheckpointError
 from trillm.models.layers import (
     Attention,
     Block,
+    DecoderConfig,
     GatedFeedForward,
     RMSNorm,
     Transformer,
     make_output_head,
     rope_inverse_frequencies,
     rope_settings_from_hf,
+    squared_relu,
 )
-from trillm.weights import concat_rows, make_embedding
-from trillm.weights.ternary import TernaryTensor, check_ternary_codes, ternarize_absmean
+from trillm.weights import GGMLTensor, concat_rows, make_embedding
+from trillm.weights.ternary import TernaryTensor, check_ternary_codes, ternarize_absmean, ternary_from_gguf
 
 # Ternary codes per stored byte of a packed projection (rows r, r + R, r + 2R, r + 3R share byte row r).
 CODES_PER_BYTE = 4
 
-# The output head's format unless the caller picks one: Q8_0 reads 47% fewer bytes than bf16 per decoded
-# token; see load_bitnet for the measured cost in logits.
-DEFAULT_HEAD = "q8_0"
+# The output head's format unless the caller picks one: Q6_K reads 59% fewer bytes than bf16 per decoded
+# token (Q8_0: 47%); see load_bitnet for the measured cost in logits.
+DEFAULT_HEAD = "q6_k"
 
 
 @dataclass
-class BitNetConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    packed: bool  # uint8 codes + weight_scale ("offline"); False: dense master weights ("online")
-    scale_divides: bool  # linear_class "bitlinear": y / weight_scale; "autobitlinear": y * weight_scale
+class BitNetConfig(DecoderConfig):
+    packed: bool = True  # uint8 codes + weight_scale ("offline"); False: dense master weights ("online")
+    scale_divides: bool = False  # linear_class "bitlinear": y / weight_scale; "autobitlinear": y * weight_scale
+    hidden_act: str = "relu2"  # the FFN's activation: a key of ACTIVATIONS (2B4T's relu2; SiLU in GGUF files)
 
     @classmethod
     def from_hf(cls, config: dict) -> "BitNetConfig":
@@ -91,22 +84,30 @@ class BitNetConfig:
             scale_divides=linear_class == "bitlinear",
         )
 
+    @classmethod
+    def from_gguf(cls, metadata: dict, tensor_names: list[str]) -> "BitNetConfig":
+        """From the metadata of llama.cpp's "bitnet" architecture (see `check_gguf_supported`)."""
+        return cls(
+            **DecoderConfig.gguf_fields(metadata, tensor_names),
+            scale_divides=True,  # TQ blocks hold w = d * code; ternary_from_gguf turns d into the divisor
+            hidden_act=GGUF_ACTIVATIONS[metadata.get("bitnet.hidden_activation", "silu")],
+        )
 
-def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2, transformers' "relu2"."""
-    return F.relu(x).square()
+
+ACTIVATIONS = {"relu2": squared_relu, "silu": F.silu}
 
 
 def bitnet_block(config: BitNetConfig, weights: dict) -> Block:
     """RMSNorm, attention with RoPE and a sub-norm before o_proj, RMSNorm, ReLU² GLU with a sub-norm:
-    x + o(subln(attention(norm(x)))), then x + down(subln(relu(gate(x))^2 * up(x)))."""
+    x + o(subln(attention(norm(x)))), then x + down(subln(relu(gate(x))^2 * up(x))) (silu(gate(x)) in place
+    of relu(gate(x))^2 for GGUF files that ask for SiLU)."""
     eps = config.rms_norm_eps
     return Block(
         attention_norm=RMSNorm(weights["attention_norm"], eps),
         attention=Attention(config.num_heads, config.num_kv_heads, config.head_dim, weights["qkv"], weights["output"],
                             output_norm=RMSNorm(weights["attention_sub_norm"], eps)),
         ffn_norm=RMSNorm(weights["ffn_norm"], eps),
-        ffn=GatedFeedForward(weights["gate_up"], weights["down"], activation=squared_relu,
+        ffn=GatedFeedForward(weights["gate_up"], weights["down"], activation=ACTIVATIONS[config.hidden_act],
                              inner_norm=RMSNorm(weights["ffn_sub_norm"], eps)),
     )
 
@@ -177,16 +178,37 @@ def load_projection(checkpoint, name: str, shape: tuple[int, int], config: BitNe
     return TernaryTensor(packed, weight_scale if config.scale_divides else 1 / weight_scale, shape)
 
 
+def load_block(checkpoint, config: BitNetConfig, names: dict, shapes: dict, load_projection) -> Block:
+    """One layer from its stored tensors, `load_projection(name, shape)` reading each BitLinear weight.
+
+    The block keeps its own retiled or float copies, so the file's pages are let go at once; and the
+    tensors read here die when it returns, before the next layer allocates, so that the kept copies of 30
+    layers pack together in memory instead of around the holes those tensors would leave.
+    """
+    stored = {key: load_projection(names[key], shapes[key]) if key in PROJECTIONS
+              else checkpoint.get(names[key], shapes[key]) for key in names}
+    stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
+    stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
+    block = bitnet_block(config, stored)
+    for name in names.values():
+        checkpoint.release(name)
+    return block
+
+
 def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
     """Build BitNet from an HF folder in either layout, checking every tensor's shape and every code.
 
-    `head` is the tied output head's format in memory: "bf16" (the stored embedding itself, exact) or
-    "q8_0", the default. The head is the largest read of a decode step: 656 MB in bf16 for 2B4T, more
-    than all 30 layers' ternary weights (497 MB); Q8_0 makes it 349 MB. Measured on `trillm synth
-    bitnet-b1.58-2b-4t` (random weights, 2 threads): decoding 17.6 tokens/s instead of 13.6 (the head's
-    matmul 11 ms instead of 25); logits move by 0.022 rms, 0.13 at most, for logits of std 4.2; the
-    greedy token is the same at 329 of 330 steps (teacher-forced), and 7 of 10 prompts decode the same
-    32 tokens (a random model's top two logits are often within 0.1). Trained models have wider margins.
+    `head` is the tied output head's format in memory: "bf16" (the stored embedding itself, exact), "q8_0"
+    or "q6_k", the default (see make_output_head). The head is the largest read of a decode step: 656 MB
+    in bf16 for 2B4T, more than all 30 layers' ternary weights (497 MB); Q8_0 makes it 349 MB, Q6_K 269 MB.
+    Measured on `trillm synth bitnet-b1.58-2b-4t` (random weights, 2 threads, one process):
+    - decoding 34.9 tokens/s with Q6_K, 32.0 with Q8_0, 26.4 with bf16 (the head's matmul 10, 15 and 23 ms);
+      peak RSS ~1150 MB with Q6_K, ~1250 MB with Q8_0;
+    - against the bf16 head, logits (std 4.2) move by 0.086 rms, 0.51 at most with Q6_K (0.079 from its
+      weights, 0.034 from its int8 activations); 0.022 and 0.13 with Q8_0. The greedy token is the same
+      at 289 of 300 steps (teacher-forced; Q8_0: 300), all 11 where the bf16 top two were within 0.3, and
+      3 of 10 prompts decode the same 32 tokens (Q8_0: 8). A random model's top two logits are often that
+      close (a quarter of its steps); trained models have wider margins.
     """
     check_supported(checkpoint.config, checkpoint.path / "config.json")
     config = BitNetConfig.from_hf(checkpoint.config)
@@ -194,21 +216,18 @@ def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
     shapes = expected_layer_shapes(config)
 
     embedding_weight = checkpoint.get(NAMES["embedding"], (config.vocab_size, config.hidden_size))
-    embedding = make_embedding(embedding_weight)
+    embedding = make_embedding(embedding_weight)  # lookups read single rows of the mapped file
     tied = config.tie_word_embeddings or NAMES["head"] not in checkpoint.names()
-    head_weight = embedding_weight if tied else checkpoint.get(NAMES["head"], (config.vocab_size, config.hidden_size))
-    output_head = make_output_head(head_weight, head or DEFAULT_HEAD)
+    head_name = NAMES["embedding"] if tied else NAMES["head"]
+    # A quantized head is a copy: the stored rows' pages are let go as they are done, so that the stored
+    # and quantized heads are never both resident.
+    output_head = make_output_head(checkpoint.get(head_name, (config.vocab_size, config.hidden_size)),
+                                   head or DEFAULT_HEAD, lambda start, end: checkpoint.release(head_name, (start, end)))
     norm = RMSNorm(checkpoint.get(NAMES["norm"], (config.hidden_size,)), config.rms_norm_eps)
 
-    blocks = []
-    for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
-        names = layer_names(i)
-        stored = {key: load_projection(checkpoint, names[key], shapes[key], config) if key in PROJECTIONS
-                  else checkpoint.get(names[key], shapes[key]) for key in names}
-        stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
-        stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
-        blocks.append(bitnet_block(config, stored))
-
+    blocks = [load_block(checkpoint, config, layer_names(i), shapes,
+                         lambda name, shape: load_projection(checkpoint, name, shape, config))
+              for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None)]
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     return Transformer(config, embedding, blocks, norm, output_head, inv_freq)
 
@@ -241,3 +260,86 @@ def check_packable(config: BitNetConfig, path):
         if out_features % CODES_PER_BYTE:
             raise CheckpointError(f"{path}: packed BitNet projections need output sizes that are multiples of "
                                   f"{CODES_PER_BYTE}; {key} has {out_features}")
+
+
+# ---- Loading a GGUF file of llama.cpp's "bitnet" architecture --------------------------------------------
+#
+# As llama.cpp's converter writes it (convert_hf_to_gguf.py, BitnetModel) and its graph reads it
+# (src/models/bitnet.cpp): each projection is ternary values times one scale, stored as TQ2_0 or TQ1_0
+# blocks whose fp16 d is that scale (F16 where a row is not whole 256-weight blocks), with no scale tensor
+# beside it; q and k rows in Hugging Face's order (llama.cpp ropes bitnet in the NEOX "halves" layout, so
+# the converter permutes nothing, unlike LLaMA's); norms F32; token_embd F16, also the output head. The FFN
+# activation is `bitnet.hidden_activation`, SiLU when absent as in llama.cpp (the 1bitLLM bitnet_b1_58
+# models'); 2B4T's squared ReLU is "relu2".
+
+GGUF_NAMES = {"embedding": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight"}
+
+GGUF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu", "swiglu": "silu"}
+
+GGUF_REQUIRED_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+
+
+def gguf_layer_names(i: int) -> dict:
+    prefix = f"blk.{i}"
+    return {
+        "attention_norm": f"{prefix}.attn_norm.weight",
+        "q": f"{prefix}.attn_q.weight",
+        "k": f"{prefix}.attn_k.weight",
+        "v": f"{prefix}.attn_v.weight",
+        "attention_sub_norm": f"{prefix}.attn_sub_norm.weight",
+        "output": f"{prefix}.attn_output.weight",
+        "ffn_norm": f"{prefix}.ffn_norm.weight",
+        "gate": f"{prefix}.ffn_gate.weight",
+        "up": f"{prefix}.ffn_up.weight",
+        "ffn_sub_norm": f"{prefix}.ffn_sub_norm.weight",
+        "down": f"{prefix}.ffn_down.weight",
+    }
+
+
+def load_gguf_projection(checkpoint, name: str, shape: tuple[int, int]) -> TernaryTensor:
+    """One projection's blocks decoded and repacked into the release layout, once."""
+    stored = checkpoint.get(name, shape)
+    try:
+        weight = ternary_from_gguf(stored)
+    except ValueError as error:
+        stored_type = stored.type.name if isinstance(stored, GGMLTensor) else str(stored.dtype).removeprefix("torch.")
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} ({stored_type} {list(shape)}): {error}") from None
+    return weight
+
+
+def load_bitnet_gguf(checkpoint, head: str | None = None) -> Transformer:
+    """Build BitNet from a GGUF file, checking every tensor's shape, code and scale. The same network as
+    `load_bitnet` builds, so the same weights give the same logits from a folder or a GGUF file; `head` as
+    there (a head the file stores in GGML blocks stays as stored)."""
+    check_gguf_supported(checkpoint.metadata, checkpoint.path)
+    config = BitNetConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+    shapes = expected_layer_shapes(config)
+    vocab_shape = (config.vocab_size, config.hidden_size)
+
+    embedding = make_embedding(checkpoint.get(GGUF_NAMES["embedding"], vocab_shape))
+    head_name = GGUF_NAMES["embedding"] if config.tie_word_embeddings else GGUF_NAMES["head"]
+    output_head = make_output_head(checkpoint.get(head_name, vocab_shape), head or DEFAULT_HEAD,
+                                   lambda start, end: checkpoint.release(head_name, (start, end)))
+    norm = RMSNorm(checkpoint.get(GGUF_NAMES["norm"], (config.hidden_size,)), config.rms_norm_eps)
+
+    blocks = [load_block(checkpoint, config, gguf_layer_names(i), shapes,
+                         lambda name, shape: load_gguf_projection(checkpoint, name, shape))
+              for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None)]
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta)
+    return Transformer(config, embedding, blocks, norm, output_head, inv_freq)
+
+
+def check_gguf_supported(metadata: dict, path):
+    missing = [f"bitnet.{key}" for key in GGUF_REQUIRED_KEYS if f"bitnet.{key}" not in metadata]
+    if missing:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if not metadata.get("bitnet.vocab_size") and not metadata.get("tokenizer.ggml.tokens"):
+        raise CheckpointError(f"{path}: GGUF metadata has neither bitnet.vocab_size nor a vocabulary")
+    activation = metadata.get("bitnet.hidden_activation", "silu")
+    if activation not in GGUF_ACTIVATIONS:
+        raise CheckpointError(f"{path}: unsupported bitnet.hidden_activation {activation!r} "
+                              f"(supported: {', '.join(GGUF_ACTIVATIONS)})")
+    scaling = metadata.get("bitnet.rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or metadata.get("bitnet.rope.scaling.factor", 1.0) != 1.0:
+        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} with factor "
+                              f"{metadata.get('bitnet.rope.scaling.factor')} is not supported for BitNet")

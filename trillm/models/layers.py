@@ -10,15 +10,56 @@ extra "subln" norms) and builds its linear layers through the weights factory.
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from trillm.weights import GGMLTensor, make_linear, native
-from trillm.weights.ggml import Q8_0_BLOCK_SIZE, quantize_q8_0
+from trillm.weights.ggml import Q6_K_BLOCK_SIZE, Q8_0_BLOCK_SIZE, quantize_q6_k, quantize_q8_0
 
 log = logging.getLogger("trillm")
+
+
+@dataclass
+class DecoderConfig:
+    """The shape of a pre-norm decoder stack: what every family's config holds, and the cache and RoPE use."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @staticmethod
+    def gguf_fields(metadata: dict, tensor_names: list[str]) -> dict:
+        """These fields from GGUF metadata, under llama.cpp's keys for the file's architecture."""
+        arch = metadata["general.architecture"]
+        key = lambda name, default=None: metadata.get(f"{arch}.{name}", default)  # noqa: E731
+        hidden, heads = key("embedding_length"), key("attention.head_count")
+        return dict(
+            vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
+            hidden_size=hidden,
+            intermediate_size=key("feed_forward_length"),
+            num_layers=key("block_count"),
+            num_heads=heads,
+            num_kv_heads=key("attention.head_count_kv") or heads,
+            head_dim=key("attention.key_length") or hidden // heads,
+            rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=key("rope.freq_base", 10000.0),
+            rope_scaling=None,  # llama.cpp stores llama3 scaling as the `rope_freqs.weight` tensor instead
+            max_position_embeddings=key("context_length", 4096),
+            tie_word_embeddings="output.weight" not in tensor_names,
+        )
 
 
 class RMSNorm(nn.Module):
@@ -115,24 +156,6 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def attention_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token over all cached positions, the decode step's case: one native call
-    (csrc/layers.c) where scaled_dot_product_attention, its reference twin, costs several times more.
-
-    q: (B, heads, 1, head_dim); k, v: (B, kv_heads, length, head_dim) views into the cache, positions
-    contiguous within each head.
-    """
-    kernel = native.load()
-    batch, heads, _, head_dim = q.shape
-    if kernel is None or k.stride() != v.stride() or k.stride(2) != head_dim or k.stride(3) != 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != k.shape[1])
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    kernel.trillm_attention_one_token(q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, k.shape[1], head_dim,
-                                      k.shape[2], k.stride(0), k.stride(1), head_dim ** -0.5, out.data_ptr())
-    return out
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Scaled dot-product attention of queries at positions start.. over keys 0..; GQA by head groups.
 
@@ -140,13 +163,75 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     """
     query_length, key_length = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if query_length == 1:
-        return attention_one_token(q, k, v)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Queries continue a cached sequence: query i sees keys up to start + i.
     mask = torch.ones(query_length, key_length, dtype=torch.bool).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int, start: int,
+           heads: int, norm: RMSNorm | None = None) -> torch.Tensor:
+    """Self-attention of tokens at positions start.. from their fused projection qkv (B, T, heads + 2 kv_heads,
+    head_dim): RoPE on the query and key heads, keys and values into the cache, causal attention over all
+    positions so far, then `norm` over each token's heads if given. Returns (B, T, heads * head_dim)."""
+    batch, length, all_heads, head_dim = qkv.shape
+    kv_heads = (all_heads - heads) // 2
+    # q and k rotate together: one RoPE call over their heads.
+    qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
+    q = qk[:, :, :heads].transpose(1, 2)  # (B, heads, T, head_dim)
+    k = qk[:, :, heads:].transpose(1, 2)  # (B, kv_heads, T, head_dim)
+    v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(layer, k, v, start)
+    out = causal_attention(q, k, v, start).transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return out if norm is None else norm(out)
+
+
+def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+                     start: int, heads: int, norm: RMSNorm | None = None) -> torch.Tensor:
+    """`attend` for one new token a sequence, the decode step's case: one native call (csrc/layers.c) for
+    what costs `attend`, its reference twin, a dozen torch ops and the norm's call, and 4x the time."""
+    kernel = native.load()
+    batch, _, all_heads, head_dim = qkv.shape
+    keys, values = cache.keys, cache.values
+    if (kernel is None or head_dim % 2 or start >= cache.max_length or qkv.dtype != torch.float32
+            or not qkv.is_contiguous() or keys.dtype != torch.float32):
+        return attend(qkv, cos, sin, cache, layer, start, heads, norm)
+    out = torch.empty(batch, 1, heads * head_dim)
+    layer_offset = layer * keys.stride(0) * keys.element_size()
+    kernel.trillm_attention_one_token(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr() + layer_offset,
+                                      values.data_ptr() + layer_offset, batch, heads, (all_heads - heads) // 2,
+                                      head_dim, start, keys.stride(1), keys.stride(2), head_dim ** -0.5,
+                                      *fused_norm(norm), out.data_ptr())
+    return out
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (So et al., 2021, Primer), BitNet's activation: transformers' "relu2"."""
+    return F.relu(x).square()
+
+
+def gated_activation(gate_up: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor],
+                     norm: RMSNorm | None = None) -> torch.Tensor:
+    """activation(gate) * up for gate_up = [gate | up] (..., 2 * dim), then `norm` if given. With squared ReLU
+    one native call (csrc/layers.c) where its reference twin takes four torch ops and the norm's call, with
+    the same floats as the twin (the norm's being those of its native kernel)."""
+    kernel = native.load()
+    dim = gate_up.shape[-1] // 2
+    native_glu = activation is squared_relu and kernel is not None
+    if not native_glu or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = activation(gate) * up
+        return hidden if norm is None else norm(hidden)
+    out = torch.empty(*gate_up.shape[:-1], dim)
+    kernel.trillm_squared_relu_glu(gate_up.data_ptr(), out.numel() // dim, dim, *fused_norm(norm), out.data_ptr())
+    return out
+
+
+def fused_norm(norm: RMSNorm | None) -> tuple[int | None, float]:
+    """What a native kernel takes to apply `norm` to its output: the weight's address and eps (NULL: none)."""
+    return (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
 
 
 # ---- Blocks: attention, gated feed-forward, the pre-norm decoder stack ---------------------------------
@@ -168,17 +253,8 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
-        # q and k rotate together: one RoPE call over their heads.
-        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
-        q = qk[:, :, :heads].transpose(1, 2)  # (B, heads, T, head_dim)
-        k = qk[:, :, heads:].transpose(1, 2)  # (B, kv_heads, T, head_dim)
-        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start)
-        out = causal_attention(q, k, v, start).transpose(1, 2).reshape(batch, length, heads * head_dim)
-        if self.output_norm is not None:
-            out = self.output_norm(out)
-        return self.output(out)
+        attention = attend_one_token if length == 1 and cache is not None else attend
+        return self.output(attention(qkv, cos, sin, cache, layer, start, heads, self.output_norm))
 
 
 class GatedFeedForward(nn.Module):
@@ -194,11 +270,7 @@ class GatedFeedForward(nn.Module):
         self.down = make_linear(down_weight)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        hidden = self.activation(gate) * up
-        if self.inner_norm is not None:
-            hidden = self.inner_norm(hidden)
-        return self.down(hidden)
+        return self.down(gated_activation(self.gate_up(x), self.activation, self.inner_norm))
 
 
 class Block(nn.Module):
@@ -249,28 +321,37 @@ class Transformer(nn.Module):
 
 # ---- The output head: the largest single read of a decode step when it is a tied embedding ------------
 
-HEAD_FORMATS = ("bf16", "q8_0")
+HEAD_FORMATS = ("bf16", "q8_0", "q6_k")
 
 
-def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None = None) -> nn.Module:
+def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None = None,
+                     rows_done: Callable[[int, int], None] | None = None) -> nn.Module:
     """The output projection (vocab, dim), re-stored in `head_format` when the weight is dense:
 
     - None: as stored;
     - "bf16": in bfloat16, unchanged (no copy) when stored so, as BitNet's tied embedding is;
     - "q8_0": GGML Q8_0 blocks (8.5 bits a weight, 47% fewer bytes than bf16: a decode step reads the whole
-      head), quantized here as llama.cpp's quantizer would. Rows whose length is not a multiple of 32
-      cannot be cut in Q8_0 blocks: that head stays as stored, with a warning.
+      head), quantized here as llama.cpp's quantizer would;
+    - "q6_k": GGML Q6_K blocks (6.56 bits a weight, 59% fewer bytes than bf16; quantize_q6_k), multiplied
+      with int8 activations as llama.cpp does (GGMLLinear): the float-activation Q6_K kernel is
+      compute-bound at 40% of the memory's speed, the int8 one reads the head as fast as memory allows. Rows that do not split in blocks of 256 get Q8_0 instead (small test models; SmolLM2's
+      576). A GGUF head stored in Q6_K (as llama.cpp's Q4_K_M files store it) gets the int8 kernel too.
 
-    A head stored in GGML blocks (a GGUF file) stays as its file chose.
+    Rows that do not split in blocks of 32 stay as stored, with a warning. Otherwise a head stored in GGML
+    blocks (a GGUF file) stays as its file chose. `rows_done` goes to the quantizer (see quantize_q8_0).
     """
     if head_format not in (None, *HEAD_FORMATS):
         raise ValueError(f"unknown output head format {head_format!r} (choose from {', '.join(HEAD_FORMATS)})")
-    if head_format is None or isinstance(weight, GGMLTensor):
-        return make_linear(weight)
-    if head_format == "q8_0":
+    if isinstance(weight, GGMLTensor):
+        int8_activations = head_format == "q6_k" and weight.type == GGMLQuantizationType.Q6_K
+        return make_linear(weight, int8_activations=int8_activations)
+    if head_format == "q6_k" and weight.shape[1] % Q6_K_BLOCK_SIZE == 0:
+        return make_linear(quantize_q6_k(weight, rows_done), int8_activations=True)
+    if head_format in ("q6_k", "q8_0"):
         if weight.shape[1] % Q8_0_BLOCK_SIZE == 0:
-            return make_linear(quantize_q8_0(weight))
-        log.warning("trillm: the output head has %d columns, not a multiple of %d: kept in %s, not Q8_0",
-                    weight.shape[1], Q8_0_BLOCK_SIZE, weight.dtype)
-        return make_linear(weight)
-    return make_linear(weight.to(torch.bfloat16))
+            return make_linear(quantize_q8_0(weight, rows_done))
+        log.warning("trillm: the output head has %d columns, not a multiple of %d: kept in %s, not %s",
+                    weight.shape[1], Q8_0_BLOCK_SIZE, weight.dtype, head_format.upper())
+    if head_format == "bf16":
+        return make_linear(weight.to(torch.bfloat16))
+    return make_linear(weight)

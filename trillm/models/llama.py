@@ -7,8 +7,6 @@ the checkpoint-name maps for both are at the bottom of this file. Linear layers 
 factory, which multiplies straight from the stored format (dense, or GGML blocks).
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -17,6 +15,7 @@ from trillm.errors import CheckpointError
 from trillm.models.layers import (
     Attention,
     Block,
+    DecoderConfig,
     GatedFeedForward,
     RMSNorm,
     Transformer,
@@ -27,20 +26,8 @@ from trillm.models.layers import (
 from trillm.weights import concat_rows, make_embedding
 
 
-@dataclass
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
+class LlamaConfig(DecoderConfig):
+    """LLaMA's hyperparameters, from config.json or from GGUF metadata."""
 
     @classmethod
     def from_hf(cls, config: dict) -> "LlamaConfig":
@@ -63,25 +50,7 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf(cls, metadata: dict, tensor_names: list[str]) -> "LlamaConfig":
-        arch = metadata["general.architecture"]
-        key = lambda name, default=None: metadata.get(f"{arch}.{name}", default)  # noqa: E731
-        heads = key("attention.head_count")
-        hidden = key("embedding_length")
-        vocab = key("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
-        return cls(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=key("feed_forward_length"),
-            num_layers=key("block_count"),
-            num_heads=heads,
-            num_kv_heads=key("attention.head_count_kv") or heads,
-            head_dim=key("attention.key_length") or hidden // heads,
-            rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=key("rope.freq_base", 10000.0),
-            rope_scaling=None,  # llama3 scaling arrives as the `rope_freqs.weight` tensor instead
-            max_position_embeddings=key("context_length", 4096),
-            tie_word_embeddings="output.weight" not in tensor_names,
-        )
+        return cls(**DecoderConfig.gguf_fields(metadata, tensor_names))
 
 
 def llama_block(config: LlamaConfig, weights: dict) -> Block:

@@ -25,13 +25,15 @@ from trillm.weights.ternary import ReferenceTernaryLinear, TernaryLinear, Ternar
 __all__ = ["GGMLTensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear"]
 
 
-def make_linear(weight: torch.Tensor | GGMLTensor | TernaryTensor, bias: torch.Tensor | None = None) -> nn.Module:
-    """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored."""
+def make_linear(weight: torch.Tensor | GGMLTensor | TernaryTensor, bias: torch.Tensor | None = None,
+                int8_activations: bool = False) -> nn.Module:
+    """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored.
+    `int8_activations` asks for the kernel that quantizes x to int8 first (Q6_K only; see GGMLLinear)."""
     use_native = native.load() is not None
     if isinstance(weight, TernaryTensor):
         return (TernaryLinear if use_native else ReferenceTernaryLinear)(weight, bias)
     if isinstance(weight, GGMLTensor):
-        return (GGMLLinear if use_native else ReferenceGGMLLinear)(weight, bias)
+        return (GGMLLinear if use_native else ReferenceGGMLLinear)(weight, bias, int8_activations)
     if isinstance(weight, torch.Tensor):
         return (DenseLinear if use_native else ReferenceDenseLinear)(weight, bias)
     raise TypeError(f"no linear layer for a {type(weight).__name__}")

@@ -31,7 +31,7 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 KERNEL_MAX_TOKENS = 32
 
 # Error codes of the C entry points (csrc/matmul.c).
-ERRORS = {-1: "no native kernel for this weight type", -2: "row index out of range"}
+ERRORS = {-1: "no native kernel for this weight type", -2: "row index out of range", -4: "out of memory"}
 
 log = logging.getLogger("trillm")
 
@@ -71,14 +71,18 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.trillm_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.trillm_matmul_int8.argtypes = lib.trillm_matmul.argtypes
     lib.trillm_decode_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.trillm_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                     ctypes.c_void_p]
     lib.trillm_rms_norm.restype = None
-    lib.trillm_attention_one_token.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float,
-                                                                                               ctypes.c_void_p]
+    lib.trillm_attention_one_token.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
     lib.trillm_attention_one_token.restype = None
+    lib.trillm_squared_relu_glu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                            ctypes.c_float, ctypes.c_void_p]
+    lib.trillm_squared_relu_glu.restype = None
     lib.trillm_set_num_threads.argtypes = [ctypes.c_int]
     lib.trillm_set_num_threads.restype = None
     lib.trillm_ternary_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -148,16 +152,20 @@ class NativeLinear(nn.Module):
     """y = x W^T + bias from weights as stored (rows of `type_code` data, see csrc/kernels.h).
 
     Float32 in and out; `data` is 2-D with one stored row per output row. The kernel arguments that never
-    change are bound once here, so a call costs one ctypes call and the output's allocation.
+    change are bound once here, so a call costs one ctypes call and the output's allocation. With
+    `int8_activations` the kernel quantizes x to int8 first (csrc/matmul.c: trillm_matmul_int8), for the
+    types that have such a kernel.
     """
 
-    def __init__(self, type_code: int, data: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None):
+    def __init__(self, type_code: int, data: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None,
+                 int8_activations: bool = False):
         super().__init__()
         self.stored = data if data.stride(-1) == 1 else data.contiguous()  # the kernels read this memory
         self.out_features, self.in_features = shape
         self.stored_bytes = self.stored.numel() * self.stored.element_size()
         self.bias = bias
-        self._matmul = bind_kernel("trillm_matmul", type_code, self.stored, shape)
+        kernel = "trillm_matmul_int8" if int8_activations else "trillm_matmul"
+        self._matmul = bind_kernel(kernel, type_code, self.stored, shape)
         self._decode_all = functools.partial(bind_kernel("trillm_decode_rows", type_code, self.stored, shape),
                                              None, shape[0])
 

@@ -18,13 +18,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from trillm.errors import CheckpointError
 from trillm.weights import native
+from trillm.weights.ggml import GGMLTensor, fp16_at
 
 # Beyond this many columns float32 sums of the integer products could round (and int32 lanes overflow).
 MAX_IN_FEATURES = 1 << 17
+
+# Blocks of 16 packed rows moved into the kernel's layout at a time (~100 KB of 2B4T's rows).
+BLOCKS_PER_TILING = 4
+
+# Columns repacked at a time when fusing weights (a few MB of int8 for 2B4T's gate/up).
+COLUMNS_PER_REPACK = 256
 
 # Instruction sets of the native kernel, as its first argument (csrc/ternary.c). "best" is the widest this
 # CPU runs; TRILLM_TERNARY_ISA forces one (for tests and comparisons).
@@ -51,7 +59,12 @@ def pack_ternary(values: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ternary weights need 2-D values with rows a multiple of 4, got {tuple(values.shape)}")
     if values.numel() and (values.min() < -1 or values.max() > 1):
         raise ValueError("ternary values must be -1, 0 or 1")
-    codes = (values.to(torch.int16) + 1).to(torch.uint8).reshape(4, out_features // 4, values.shape[1])
+    return pack_codes((values.to(torch.int16) + 1).to(torch.uint8))
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes w + 1 (out, in), out a multiple of 4 -> the packed layout (out / 4, in)."""
+    codes = codes.reshape(4, codes.shape[0] // 4, codes.shape[1])
     return codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
 
 
@@ -62,11 +75,17 @@ def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
 
 def tile_ternary(packed: torch.Tensor) -> torch.Tensor:
     """The native kernel's layout of the same bytes (csrc/ternary.c): 64-byte tiles of 16 packed rows by 4
-    columns, (blocks, groups, 16, 4) with byte (16b + l, 4g + j) at [b, g, l, j]; zero-padded to whole tiles."""
+    columns, (blocks, groups, 16, 4) with byte (16b + l, 4g + j) at [b, g, l, j]; zero-padded to whole tiles.
+    Filled a band of blocks at a time: the result is allocated first and kept, the small band copies after
+    it come and go, so loading 30 layers leaves no holes in the heap behind the kept tiles."""
     packed_rows, columns = packed.shape
-    padded = torch.zeros(-(-packed_rows // 16) * 16, -(-columns // 4) * 4, dtype=torch.uint8)
-    padded[:packed_rows, :columns] = packed
-    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 4, 4).transpose(1, 2).contiguous()
+    tiles = torch.zeros(-(-packed_rows // 16), -(-columns // 4), 16, 4, dtype=torch.uint8)
+    for first in range(0, tiles.shape[0], BLOCKS_PER_TILING):
+        rows = packed[first * 16:(first + BLOCKS_PER_TILING) * 16]
+        band = torch.zeros(-(-rows.shape[0] // 16) * 16, tiles.shape[1] * 4, dtype=torch.uint8)
+        band[:rows.shape[0], :columns] = rows
+        tiles[first:first + band.shape[0] // 16] = band.view(-1, 16, tiles.shape[1], 4).transpose(1, 2)
+    return tiles
 
 
 def check_ternary_codes(packed: torch.Tensor, name: str):
@@ -103,16 +122,126 @@ def check_ternary(weight: TernaryTensor):
 
 def concat_ternary_rows(weights: list[TernaryTensor]) -> TernaryTensor:
     """One weight whose rows are the given weights' rows, in order, each keeping its scale (as a per-row
-    vector). The interleaving of the layout depends on the row count, so the codes are repacked."""
+    vector). The interleaving of the layout depends on the row count, so the codes are repacked, a band
+    of columns at a time: the int8 values of a whole fused gate/up would be 4x its packed size."""
     in_features = weights[0].shape[1]
     for weight in weights:
         check_ternary(weight)
         if weight.shape[1] != in_features:
             raise ValueError(f"cannot concatenate rows of ternary weights with {weight.shape[1]} and {in_features} "
                              "columns")
-    values = torch.cat([unpack_ternary(weight.packed) for weight in weights])
+    out_features = sum(weight.shape[0] for weight in weights)
+    packed = torch.empty(out_features // 4, in_features, dtype=torch.uint8)
+    for start in range(0, in_features, COLUMNS_PER_REPACK):
+        columns = slice(start, start + COLUMNS_PER_REPACK)
+        packed[:, columns] = pack_ternary(torch.cat([unpack_ternary(weight.packed[:, columns]) for weight in weights]))
     scale = torch.cat([weight.scale.float().reshape(-1).expand(weight.shape[0]) for weight in weights])
-    return TernaryTensor(pack_ternary(values), scale.contiguous(), (values.shape[0], in_features))
+    return TernaryTensor(packed, scale.contiguous(), (out_features, in_features))
+
+
+# ---- GGUF's ternary block types, repacked into the layout above at load ------------------------------
+#
+# llama.cpp's TQ2_0 and TQ1_0 (ggml-common.h block_tq2_0 / block_tq1_0, ggml-quants.c dequantize_row_tq*)
+# cut each row into blocks of 256 weights, weight = d * (code - 1) with one fp16 d per block (stored last):
+# - TQ2_0, 66 bytes: 64 bytes of 2-bit codes; weight 128j + 32k + m is bits 2k, 2k+1 of byte 32j + m.
+# - TQ1_0, 54 bytes: base-3 codes, 5 a byte in bytes 0-47 (weight 32k + m is code k of byte m, weight
+#   160 + 16k + m code k of byte 32 + m), 4 a byte in bytes 48-51 (weight 240 + 4k + m, code k of byte
+#   48 + m). A byte holds its codes as a fraction of 256 so that code k is the integer part of
+#   3 * (byte * 3^k mod 256) / 256: one multiply and one shift, no division.
+# llama.cpp's converter writes a BitNet projection as TQ blocks whose every d is the matrix's one weight
+# scale (an all-zero block has d = 0); rows that are not whole blocks it writes in F16 (w = ±scale or 0).
+
+TERNARY_BLOCK_SIZE = 256
+TERNARY_BLOCK_BYTES = {GGMLQuantizationType.TQ2_0: 66, GGMLQuantizationType.TQ1_0: 54}
+
+# Rows decoded at a time: TQ1_0's int32 arithmetic stays a few MB however large the weight.
+ROWS_PER_DECODE = 128
+
+
+def decode_tq2_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TQ2_0 blocks uint8 (n, 66) -> codes uint8 (n, 256) in weight order (weight = d * (code - 1); code 3
+    is invalid, llama.cpp would read it as 2) and the blocks' scales d, float32 (n, 1)."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    codes = (blocks[:, :64].reshape(-1, 2, 1, 32) >> shifts) & 3  # (n, half j, k, byte m)
+    return codes.reshape(-1, TERNARY_BLOCK_SIZE), fp16_at(blocks, 64)
+
+
+def base3_codes(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 (n, b) bytes of TQ1_0 -> codes 0..2 (n, count * b), code k of every byte before code k + 1's."""
+    powers = torch.tensor([1, 3, 9, 27, 81][:count], dtype=torch.int32).view(1, count, 1)
+    fractions = (packed.to(torch.int32).unsqueeze(1) * powers) & 255  # (n, k, byte)
+    return ((fractions * 3) >> 8).flatten(1)
+
+
+def decode_tq1_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TQ1_0 blocks uint8 (n, 54) -> codes uint8 (n, 256) in weight order (weight = d * (code - 1)) and the
+    blocks' scales d, float32 (n, 1)."""
+    codes = torch.cat([base3_codes(blocks[:, :32], 5), base3_codes(blocks[:, 32:48], 5),
+                       base3_codes(blocks[:, 48:52], 4)], dim=1)
+    return codes.to(torch.uint8), fp16_at(blocks, 52)
+
+
+TERNARY_BLOCK_DECODERS = {GGMLQuantizationType.TQ2_0: decode_tq2_0, GGMLQuantizationType.TQ1_0: decode_tq1_0}
+
+
+def ternary_from_gguf(weight: GGMLTensor | torch.Tensor) -> TernaryTensor:
+    """A BitNet projection as a GGUF file stores it (TQ2_0 or TQ1_0 blocks, or the float tensor the
+    converter falls back to) -> TernaryTensor, once, at load. Raises ValueError unless every weight is
+    -1, 0 or +1 times its row's one scale: trillm multiplies with one scale per row (a per-tensor scale when
+    all rows agree, as BitNet's weight_scale does), not one per block."""
+    rows, columns = weight.shape
+    if rows % 4:
+        raise ValueError(f"ternary weights pack 4 rows a byte; {rows} rows are not a multiple of 4")
+    if isinstance(weight, GGMLTensor):
+        if weight.type not in TERNARY_BLOCK_DECODERS:
+            raise ValueError(f"{weight.type.name} does not hold ternary weights (BitNet projections in GGUF are "
+                             "TQ2_0, TQ1_0, or F16/BF16/F32 with values -s, 0, +s)")
+        block_bytes = TERNARY_BLOCK_BYTES[weight.type]
+        if columns % TERNARY_BLOCK_SIZE or weight.data.numel() != rows * columns // TERNARY_BLOCK_SIZE * block_bytes:
+            raise ValueError(f"{weight.type.name} data does not fit shape {list(weight.shape)}")
+        blocks = weight.data.reshape(rows, -1, block_bytes)
+        codes = torch.empty(rows, columns, dtype=torch.uint8)
+        group_scales = torch.empty(rows, columns // TERNARY_BLOCK_SIZE)
+        for start in range(0, rows, ROWS_PER_DECODE):
+            chunk = blocks[start:start + ROWS_PER_DECODE]
+            chunk_codes, chunk_scales = TERNARY_BLOCK_DECODERS[weight.type](chunk.reshape(-1, block_bytes))
+            codes[start:start + len(chunk)] = chunk_codes.view(len(chunk), columns)
+            group_scales[start:start + len(chunk)] = chunk_scales.view(len(chunk), -1)
+        if codes.max() > 2:
+            row, column = (codes > 2).nonzero()[0].tolist()
+            raise ValueError(f"invalid {weight.type.name} code 0b11 for the weight at row {row}, column {column}")
+    elif weight.is_floating_point():
+        weight = weight.float()
+        codes, group_scales = (weight.sign() + 1).to(torch.uint8), weight.abs()  # groups of one weight
+    else:
+        raise ValueError(f"{weight.dtype} does not hold ternary weights")
+    return TernaryTensor(pack_codes(codes), row_divisors(codes, group_scales), (rows, columns))
+
+
+def row_divisors(codes: torch.Tensor, group_scales: torch.Tensor) -> torch.Tensor:
+    """TernaryTensor.scale of weights (codes - 1) * the scale of their group (groups: equal runs of columns):
+    1 / the row's scale, (1,) when all rows share it, else (rows,). Raises ValueError naming the first row
+    whose nonzero weights have different scales. A group of scale 0 holds zeros, whatever its codes."""
+    rows, groups = group_scales.shape
+    grouped = codes.view(rows, groups, -1)
+    zero_scale = group_scales == 0
+    if zero_scale.any():
+        grouped[zero_scale] = 1
+    used = (grouped != 1).any(dim=-1)  # (rows, groups): the groups whose scale matters
+    first_used = used.to(torch.uint8).argmax(dim=1, keepdim=True)
+    row_scale = group_scales.gather(1, first_used)  # (rows, 1)
+    mismatch = (used & (group_scales != row_scale)).nonzero()
+    if len(mismatch):
+        row, group = mismatch[0].tolist()
+        raise ValueError(f"row {row} has weights of scale {row_scale[row, 0]:g} and, from column "
+                         f"{group * grouped.shape[-1]}, {group_scales[row, group]:g}: trillm takes one scale per row")
+    has_weights = used.any(dim=1)
+    scales = row_scale[has_weights, 0]
+    if len(scales) == 0:
+        return torch.ones(1)
+    if (scales == scales[0]).all():
+        return 1 / scales[:1]
+    return 1 / torch.where(has_weights, row_scale[:, 0], 1.0)
 
 
 # ---- Quantization, as transformers computes it --------------------------------------------------------

@@ -25,11 +25,21 @@ enum {
     TYPE_Q4_K = 12, TYPE_Q5_K = 13, TYPE_Q6_K = 14, TYPE_BF16 = 30,
 };
 
+/* 256 activations quantized to int8 as llama.cpp's block_q8_K: x ~ d * q, and sums[j] = q[16j] + ... +
+ * q[16j + 15] (ggml.c: quantize_q8_k). */
+#define QK_K 256
+struct q8_k_block {
+    int8_t q[QK_K];
+    int16_t sums[QK_K / 16];
+    float d;
+};
+
 /* One pass of y = x W^T over at most MAX_TOKENS tokens: y[t * y_stride + r] = sum_c W[r, c] x[t * cols + c]. */
 struct matmul_job {
     const uint8_t *w;  /* row r starts at w + r * row_bytes */
     int64_t row_bytes, cols;
     const float *x;    /* (tokens, cols) */
+    const struct q8_k_block *x8; /* or x quantized, (tokens, cols / QK_K), for the int8 kernels */
     int tokens;
     float *y;
     int64_t y_stride;
@@ -43,11 +53,13 @@ typedef void decode_row_fn(const uint8_t *row, int64_t cols, float *restrict out
 struct row_kernels {
     matmul_rows_fn *matmul_rows;
     decode_row_fn *decode_row;
+    matmul_rows_fn *matmul_rows_int8; /* reads job->x8; NULL for types without an int8 kernel */
 };
 
 /* Fill k for this type and return 1, or return 0 if the file does not handle the type. */
 int dense_kernels(int type, struct row_kernels *k);
 int ggml_kernels(int type, struct row_kernels *k);
+void quantize_q8_k(const float *x, struct q8_k_block *out);
 
 /* pool.c: run(arg, chunk, chunks) for every chunk of a job, spread over `threads` threads, the caller
  * included. With linger the workers spin a while afterwards, waiting for the next job; without, they

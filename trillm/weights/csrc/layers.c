@@ -1,6 +1,7 @@
-/* The two steps of a decoder layer that are not matmuls but still cost the most torch calls in a decode
- * step: RMSNorm, and attention of one new token over the KV cache. Their PyTorch twins (F.rms_norm and
- * scaled_dot_product_attention) are in trillm/models/layers.py, and the tests compare the two.
+/* The steps of a decoder layer that are not matmuls but would cost the most torch calls in a decode step:
+ * RMSNorm, BitNet's squared-ReLU GLU, and the attention of one new token (RoPE, the KV cache's update,
+ * attention over the cache). Their PyTorch twins (F.rms_norm; relu, square and a product; apply_rope,
+ * KVCache.update and scaled_dot_product_attention) are in trillm/models/layers.py, and the tests compare.
  */
 #include <stdlib.h>
 
@@ -30,21 +31,72 @@ void trillm_rms_norm(const float *x, const float *weight, int64_t rows, int64_t 
     }
 }
 
+/* out = relu(gate)^2 * up for each of `tokens` rows of gate_up = [gate (dim) | up (dim)]: BitNet's ReLU² GLU,
+ * in torch's order of operations (relu, square, times up), so the results are the same floats. Then, unless
+ * norm_weight is NULL, the RMSNorm that BitNet applies next (its "subln"): one call fewer a layer. */
+void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, const float *norm_weight, float eps,
+                             float *out) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *gate = gate_up + 2 * t * dim, *up = gate + dim;
+        for (int64_t i = 0; i < dim; i++) {
+            float relu = gate[i] < 0.0f ? 0.0f : gate[i]; /* NaN stays NaN, as in torch */
+            out[t * dim + i] = relu * relu * up[i];
+        }
+    }
+    if (norm_weight)
+        trillm_rms_norm(out, norm_weight, tokens, dim, eps, out);
+}
+
+/* x rotated by RoPE in the "rotate half" layout: channel i pairs with channel i + head_dim / 2, and the
+ * sine table carries the rotation's sign (-sin for the first half, +sin for the second), as apply_rope. */
+static void rotate(const float *x, const float *cos, const float *sin, int64_t head_dim, float *out) {
+    int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = x[i] * cos[i] + x[i + half] * sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+/* out (head_dim) = sum_j p[j] values[j], values (length, head_dim): 4 vectors of out at a time (then 1)
+ * summed in registers over all positions. */
+static void weighted_sum(const float *p, const float *values, int64_t length, int64_t head_dim, float *out) {
+    int64_t i = 0;
+    for (; i + 4 * VLEN <= head_dim; i += 4 * VLEN) {
+        vf sum[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+        for (int64_t j = 0; j < length; j++)
+            for (int k = 0; k < 4; k++)
+                sum[k] = vf_fma(vf_set(p[j]), vf_load(values + j * head_dim + i + k * VLEN), sum[k]);
+        for (int k = 0; k < 4; k++)
+            vf_store(out + i + k * VLEN, sum[k]);
+    }
+    for (; i + VLEN <= head_dim; i += VLEN) {
+        vf sum = vf_zero();
+        for (int64_t j = 0; j < length; j++)
+            sum = vf_fma(vf_set(p[j]), vf_load(values + j * head_dim + i), sum);
+        vf_store(out + i, sum);
+    }
+    for (; i < head_dim; i++) {
+        out[i] = 0.0f;
+        for (int64_t j = 0; j < length; j++)
+            out[i] += p[j] * values[j * head_dim + i];
+    }
+}
+
 struct attention_call {
-    const float *q, *keys, *values;
+    const float *qkv, *cos, *sin, *keys, *values;
     float *out;
-    int64_t batch, heads, group, head_dim, length;
+    int64_t batch, heads, kv_heads, head_dim, length;
     int64_t kv_batch_stride, kv_head_stride; /* floats; positions are head_dim apart */
     float scale;
 };
 
 static void attention_chunk(void *arg, int chunk, int chunks) {
     const struct attention_call *c = arg;
-    int64_t all_heads = c->batch * c->heads;
-    float *scores = malloc(c->length * sizeof *scores);
+    int64_t all_heads = c->batch * c->heads, group = c->heads / c->kv_heads;
+    float *scores = malloc((c->length + c->head_dim) * sizeof *scores), *q = scores + c->length;
     for (int64_t bh = all_heads * chunk / chunks; bh < all_heads * (chunk + 1) / chunks; bh++) {
-        int64_t b = bh / c->heads, kv_head = bh % c->heads / c->group;
-        const float *q = c->q + bh * c->head_dim;
+        int64_t b = bh / c->heads, head = bh % c->heads, kv_head = head / group;
+        rotate(c->qkv + (b * (c->heads + 2 * c->kv_heads) + head) * c->head_dim, c->cos, c->sin, c->head_dim, q);
         const float *keys = c->keys + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
         const float *values = c->values + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
         float *out = c->out + bh * c->head_dim;
@@ -55,26 +107,35 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
         }
         for (int64_t j = 0; j < c->length; j++)
             total += scores[j] = expf(scores[j] - max_score);
-        for (int64_t i = 0; i < c->head_dim; i++)
-            out[i] = 0.0f;
-        for (int64_t j = 0; j < c->length; j++) {
-            float weight = scores[j] / total;
-            const float *value = values + j * c->head_dim;
-            for (int64_t i = 0; i < c->head_dim; i++)
-                out[i] += weight * value[i];
-        }
+        for (int64_t j = 0; j < c->length; j++)
+            scores[j] /= total;
+        weighted_sum(scores, values, c->length, c->head_dim, out);
     }
     free(scores);
 }
 
-/* Softmax attention of one query per (sequence, head) over cached positions 0..length-1.
- * q and out: (batch, heads, head_dim). keys/values: (batch, kv_heads, positions, head_dim) with the given
- * strides; query head h reads kv head h / (heads / kv_heads) (grouped-query attention). */
-void trillm_attention_one_token(const float *q, const float *keys, const float *values, int64_t batch,
-                                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t length,
-                                int64_t kv_batch_stride, int64_t kv_head_stride, float scale, float *out) {
-    struct attention_call call = {q, keys, values, out, batch, heads, heads / kv_heads, head_dim, length,
+/* The attention of a decode step, one new token a sequence at `position`, in one call: rotate its query
+ * and key heads (RoPE), store its key and value in the cache, attend over positions 0..position; then,
+ * unless norm_weight is NULL, an RMSNorm over each sequence's heads (BitNet's "subln").
+ * qkv: (batch, heads + 2 kv_heads, head_dim), the fused projection's output. cos, sin: (head_dim) tables
+ * of this position (see rotate). keys/values: the layer's cache (batch, kv_heads, positions, head_dim)
+ * with the given strides. out: (batch, heads, head_dim). Query head h reads kv head h / (heads / kv_heads)
+ * (grouped-query attention). */
+void trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                                int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t position,
+                                int64_t kv_batch_stride, int64_t kv_head_stride, float scale, const float *norm_weight,
+                                float eps, float *out) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *key = qkv + (b * (heads + 2 * kv_heads) + heads + h) * head_dim;
+            int64_t at = b * kv_batch_stride + h * kv_head_stride + position * head_dim;
+            rotate(key, cos, sin, head_dim, keys + at);
+            memcpy(values + at, key + kv_heads * head_dim, head_dim * sizeof *values);
+        }
+    struct attention_call call = {qkv, cos, sin, keys, values, out, batch, heads, kv_heads, head_dim, position + 1,
                                   kv_batch_stride, kv_head_stride, scale};
-    int64_t work = batch * heads * length * head_dim;
+    int64_t work = batch * heads * (position + 1) * head_dim;
     run_parallel(attention_chunk, &call, work < PARALLEL_MIN_WORK ? 1 : pool_threads(), 1);
+    if (norm_weight)
+        trillm_rms_norm(out, norm_weight, batch, heads * head_dim, eps, out);
 }

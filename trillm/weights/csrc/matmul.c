@@ -1,7 +1,9 @@
 /* The functions trillm/weights/native.py calls through ctypes: find a weight type's row kernels (dense.c,
  * ggml.c) and split the rows over the thread pool (pool.c). All return 0, or a negative code Python turns
- * into an error: -1 for a type without kernels, -2 for a row index out of range.
+ * into an error: -1 for a type without kernels, -2 for a row index out of range, -4 when out of memory.
  */
+#include <stdlib.h>
+
 #include "kernels.h"
 
 /* Below this many weight bytes the calling thread works alone: handing out a job costs about a
@@ -11,7 +13,7 @@
 static int threads_for(int64_t bytes) { return bytes < PARALLEL_MIN_BYTES ? 1 : pool_threads(); }
 
 struct matmul_call {
-    struct row_kernels kernels;
+    matmul_rows_fn *matmul_rows;
     struct matmul_job job;
     int64_t rows, tokens;
 };
@@ -22,10 +24,13 @@ static void matmul_chunk(void *arg, int chunk, int chunks) {
     int64_t r0 = call->rows * chunk / chunks, r1 = call->rows * (chunk + 1) / chunks;
     for (int64_t t = 0; t < call->tokens; t += MAX_TOKENS) {
         struct matmul_job job = call->job;
-        job.x += t * job.cols;
+        if (job.x8)
+            job.x8 += t * (job.cols / QK_K);
+        else
+            job.x += t * job.cols;
         job.y += t * call->rows;
         job.tokens = call->tokens - t < MAX_TOKENS ? (int)(call->tokens - t) : MAX_TOKENS;
-        call->kernels.matmul_rows(&job, r0, r1);
+        call->matmul_rows(&job, r0, r1);
     }
 }
 
@@ -33,10 +38,34 @@ static void matmul_chunk(void *arg, int chunk, int chunks) {
  * split in contiguous chunks, each read once per MAX_TOKENS tokens. */
 int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
                   int64_t tokens, float *y) {
-    struct matmul_call call = {.job = {w, row_bytes, cols, x, 0, y, rows}, .rows = rows, .tokens = tokens};
-    if (!dense_kernels(type, &call.kernels) && !ggml_kernels(type, &call.kernels))
+    struct row_kernels kernels;
+    if (!dense_kernels(type, &kernels) && !ggml_kernels(type, &kernels))
         return -1;
+    struct matmul_call call = {kernels.matmul_rows, {.w = w, .row_bytes = row_bytes, .cols = cols, .x = x, .y = y,
+                                                     .y_stride = rows}, rows, tokens};
     run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
+    return 0;
+}
+
+/* As trillm_matmul, with each token's activations first quantized to int8 (a scale per QK_K of them),
+ * for the GGML types with an int8 kernel (ggml.c: Q6_K). What llama.cpp computes; no longer exactly a
+ * float matmul. cols must be a multiple of QK_K. */
+int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
+                       int64_t tokens, float *y) {
+    struct row_kernels kernels = {0};
+    if (!ggml_kernels(type, &kernels) || !kernels.matmul_rows_int8)
+        return -1;
+    if (tokens == 0)
+        return 0;
+    struct q8_k_block *x8 = malloc(tokens * (cols / QK_K) * sizeof *x8);
+    if (!x8)
+        return -4;
+    for (int64_t i = 0; i < tokens * (cols / QK_K); i++)
+        quantize_q8_k(x + i * QK_K, x8 + i);
+    struct matmul_call call = {kernels.matmul_rows_int8, {.w = w, .row_bytes = row_bytes, .cols = cols, .x8 = x8,
+                                                          .y = y, .y_stride = rows}, rows, tokens};
+    run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
+    free(x8);
     return 0;
 }
 

@@ -1,0 +1,69 @@
+"""Letting go of a checkpoint's file pages (checkpoint/pages.py): after `release`, the pages no longer count
+as resident, the tensor still reads the same values (from the file again), and memory that is not the
+file's own map is never touched."""
+
+import gguf
+import torch
+from safetensors.torch import save_file
+
+from trillm.checkpoint import open_checkpoint
+from trillm.checkpoint.pages import file_mapping
+
+ROWS, COLUMNS = 1024, 1024  # 4 MB of float32: a thousand pages
+
+
+def resident_kb(path) -> int:
+    """Resident kB of this process's mappings of `path`, from /proc/self/smaps."""
+    total, current = 0, None
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields[0].endswith(":"):
+            if fields[0] == "Rss:" and current == str(path.resolve()):
+                total += int(fields[1])
+        else:
+            current = fields[5] if len(fields) > 5 else None
+    return total
+
+
+def check_release(checkpoint, path, name, expected):
+    tensor = checkpoint.get(name)
+    assert torch.equal(tensor.float(), expected)  # reads every page
+    before = resident_kb(path)
+    checkpoint.release(name, (0, ROWS // 2))
+    half = resident_kb(path)
+    checkpoint.release(name)
+    after = resident_kb(path)
+    assert before - half >= 1800 and before - after >= 3900, (before, half, after)
+    assert torch.equal(checkpoint.get(name).float(), expected)  # faulted back in from the file
+
+
+def test_safetensors_release_drops_pages_and_keeps_values(tmp_path):
+    weight = torch.randn(ROWS, COLUMNS)
+    save_file({"model.weight": weight, "model.small": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    checkpoint = open_checkpoint(tmp_path)
+    check_release(checkpoint, (tmp_path / "model.safetensors"), "model.weight", weight)
+    checkpoint.release("model.small")  # smaller than a page: nothing to drop, no error
+    assert torch.equal(checkpoint.get("model.small"), torch.ones(3))
+
+
+def test_gguf_release_drops_pages_and_keeps_values(tmp_path):
+    weight = torch.randn(ROWS, COLUMNS)
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("weight", weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    check_release(open_checkpoint(path), path, "weight", weight)
+
+
+def test_memory_outside_the_files_map_is_never_dropped(tmp_path):
+    save_file({"model.weight": torch.ones(ROWS, COLUMNS)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    checkpoint = open_checkpoint(tmp_path)
+    mapped = checkpoint.get("model.weight")
+    assert file_mapping(tmp_path / "model.safetensors", mapped.data_ptr()) is not None
+    anonymous = torch.ones(ROWS, COLUMNS)
+    assert file_mapping(tmp_path / "model.safetensors", anonymous.data_ptr()) is None
