@@ -3,17 +3,17 @@ like Llama 2's, the same vocabulary in a GGUF, the real Llama 3 vocabulary as Me
 tokenizer.model (from quicktok's copy), and the real SmolLM2 GGUF; plus a corpus that exercises them."""
 
 import argparse
-import base64
 import importlib.util
 import inspect
 import io
-import struct
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
 from gguf import GGUFReader, GGUFWriter
 from sentencepiece import sentencepiece_model_pb2
+
+from trillm.checkpoint.synthetic import llama3_tiktoken_file
 
 # Text a tokenizer must get right: code, whitespace runs, leading spaces, accents, CJK, emoji, numbers.
 CORPUS = [
@@ -114,16 +114,5 @@ def write_sentencepiece_gguf(path: Path, model_proto: bytes) -> None:
 
 
 def write_llama3_tiktoken_model(path: Path) -> None:
-    """Meta's Llama 3 tokenizer.model: `base64(token bytes) rank` lines, from quicktok's copy
-    (u32 count, then per entry u16 length, the bytes, u32 rank; little-endian)."""
-    folder = Path(importlib.util.find_spec("quicktok").submodule_search_locations[0])
-    data = (folder / "data" / "llama3.vocab").read_bytes()
-    (count,) = struct.unpack_from("<I", data, 0)
-    position, lines = 4, []
-    for _ in range(count):
-        (length,) = struct.unpack_from("<H", data, position)
-        token = data[position + 2 : position + 2 + length]
-        (rank,) = struct.unpack_from("<I", data, position + 2 + length)
-        position += 2 + length + 4
-        lines.append(base64.b64encode(token) + b" " + str(rank).encode())
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    """Meta's Llama 3 tokenizer.model, from quicktok's copy of its ranks."""
+    path.write_bytes(llama3_tiktoken_file())
