@@ -183,6 +183,15 @@ def test_synth_gguf_needs_a_gguf_path(tmp_path, capsys):
                                        f"not {str(tmp_path / 'out')!r}\n")
 
 
+def test_synth_gguf_embedding_type(tmp_path):
+    """--gguf-embedding q8_0 stores token_embd (the head llama.cpp reads) in Q8_0; trillm keeps it so."""
+    path = tmp_path / "tiny.gguf"
+    assert main(["synth", "bitnet-tiny", str(path), "--layout", "tq2_0", "--gguf-embedding", "q8_0"]) == 0
+    checkpoint = GGUFCheckpoint(path)
+    assert checkpoint.get("token_embd.weight").type == gguf.GGMLQuantizationType.Q8_0
+    assert trillm.load(path).network.head.weight.type == gguf.GGMLQuantizationType.Q8_0
+
+
 # ---- llama.cpp runs our file ----------------------------------------------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")

@@ -137,7 +137,7 @@ def command_synth(args):
 
     if args.layout in GGUF_LAYOUTS and Path(args.out).suffix != ".gguf":
         raise TrillmError(f"with --layout {args.layout}, OUT is the .gguf file to write, not {args.out!r}")
-    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed)
+    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed, gguf_embedding=args.gguf_embedding)
     size = (out.stat().st_size if out.is_file() else sum(path.stat().st_size for path in out.iterdir())) / 1e6
     print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {out}: {size:.0f} MB")
     has_tokenizer = has_llama3_vocabulary() if out.is_file() else (out / "tokenizer.json").is_file()
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "weights; tq2_0, tq1_0: the packed weights as one GGUF file in llama.cpp's ternary "
                             "types, as its converter writes them")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    synth.add_argument("--gguf-embedding", default="f16", choices=["f16", "q8_0"],
+                       help="with a GGUF layout: the embedding's type, also the output head llama.cpp reads")
     synth.set_defaults(run=command_synth)
     return parser
 

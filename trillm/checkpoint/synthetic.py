@@ -122,11 +122,14 @@ def write_bitnet(folder: str | Path, config: dict, seed: int = 0, tokenizer: boo
     return folder
 
 
-def write_preset(preset: str, out: str | Path, layout: str = "packed", seed: int = 0) -> Path:
-    """A preset's folder, or with a GGUF layout ("tq2_0", "tq1_0") its .gguf file; the same seed gives the
-    same weights in every layout but "bf16"."""
+def write_preset(preset: str, out: str | Path, layout: str = "packed", seed: int = 0,
+                 gguf_embedding: str = "f16") -> Path:
+    """A preset's folder, or with a GGUF layout ("tq2_0", "tq1_0") its .gguf file with the embedding (also
+    the output head) in `gguf_embedding` ("f16" or "q8_0"); the same seed gives the same weights in every
+    layout but "bf16"."""
     if layout in GGUF_LAYOUTS:
-        return write_bitnet_gguf(out, bitnet_config(preset), layout, seed)
+        return write_bitnet_gguf(out, bitnet_config(preset), layout, seed,
+                                 embedding_type=GGMLQuantizationType[gguf_embedding.upper()])
     return write_bitnet(out, bitnet_config(preset, layout), seed)
 
 
