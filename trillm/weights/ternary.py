@@ -68,9 +68,14 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
 
 
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed layout (R, in) -> uint8 codes w + 1 (4R, in); row i * R + r is bits 2i, 2i + 1 of row r."""
+    return torch.cat([(packed >> (2 * i)) & 3 for i in range(4)])
+
+
 def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (R, in) -> int8 values (4R, in); row i * R + r comes from bits 2i, 2i + 1 of row r."""
-    return torch.cat([(packed >> (2 * i)) & 3 for i in range(4)]).to(torch.int8) - 1
+    """uint8 codes (R, in) -> int8 values (4R, in), in the row order of `unpack_codes`."""
+    return unpack_codes(packed).to(torch.int8) - 1
 
 
 def tile_ternary(packed: torch.Tensor) -> torch.Tensor:
@@ -134,7 +139,7 @@ def concat_ternary_rows(weights: list[TernaryTensor]) -> TernaryTensor:
     packed = torch.empty(out_features // 4, in_features, dtype=torch.uint8)
     for start in range(0, in_features, COLUMNS_PER_REPACK):
         columns = slice(start, start + COLUMNS_PER_REPACK)
-        packed[:, columns] = pack_ternary(torch.cat([unpack_ternary(weight.packed[:, columns]) for weight in weights]))
+        packed[:, columns] = pack_codes(torch.cat([unpack_codes(weight.packed[:, columns]) for weight in weights]))
     scale = torch.cat([weight.scale.float().reshape(-1).expand(weight.shape[0]) for weight in weights])
     return TernaryTensor(packed, scale.contiguous(), (out_features, in_features))
 
