@@ -15,14 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trillm
-from trillm.checkpoint.synthetic import (
-    BITNET_2B4T_CONFIG,
-    PRESETS,
-    bitnet_config,
-    has_llama3_vocabulary,
-    write_bitnet,
-    write_preset,
-)
+from trillm.synth.bitnet import BITNET_2B4T_CONFIG, PRESETS, bitnet_config, write_bitnet, write_preset
+from trillm.synth.vocabulary import has_llama3_vocabulary
 from trillm.engine import Sampling
 from trillm.errors import CheckpointError, TrillmError
 from trillm.weights.ggml import GGMLTensor, quantize_q8_0

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 import trillm
 from trillm.checkpoint.gguf_file import GGUFCheckpoint
-from trillm.checkpoint.synthetic import bitnet_config, has_llama3_vocabulary, write_bitnet, write_bitnet_gguf
+from trillm.synth.bitnet import bitnet_config, write_bitnet, write_bitnet_gguf
+from trillm.synth.vocabulary import has_llama3_vocabulary
 from trillm.cli import main
 from trillm.errors import CheckpointError
 from trillm.models.bitnet import load_bitnet_gguf

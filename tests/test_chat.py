@@ -10,13 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from trillm.chat import (
-    Conversation,
-    compile_template,
-    find_stop,
-    render_chat,
-    safe_prefix_len,
-)
+from trillm.chat import Conversation, compile_template, render_chat
 from trillm.errors import TrillmError
 
 # meta-llama/Llama-2-7b-chat-hf, tokenizer_config.json.
@@ -338,7 +332,7 @@ def test_no_template_points_to_raw():
         with pytest.raises(ValueError, match="--raw"):
             render_chat(template, [{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="--raw"):
-        Conversation().prompt(None)
+        render_chat(None, Conversation("Be brief.").all_messages())
 
 
 def test_empty_conversation_is_refused():
@@ -363,60 +357,13 @@ def test_conversation_prompt(templates):
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     for model, template in templates.items():
         expected = transformers_render(template, messages, True, SPECIAL_TOKENS[model])
-        assert conversation.prompt(template, **SPECIAL_TOKENS[model]) == expected, model
+        assert render_chat(template, conversation.all_messages(), **SPECIAL_TOKENS[model]) == expected, model
 
     conversation.reset()
     conversation.add_user("Again")
-    assert conversation.prompt(BITNET_TEMPLATE) == "System: Be brief.<|eot_id|>User: Again<|eot_id|>Assistant: "
+    assert render_chat(BITNET_TEMPLATE, conversation.all_messages()) == "System: Be brief.<|eot_id|>User: Again<|eot_id|>Assistant: "
     # Without a system prompt, SmolLM2's template writes its own default one.
     plain = Conversation()
     plain.add_user("Hi")
-    assert plain.prompt(templates["smollm2"]) == transformers_render(
+    assert render_chat(templates["smollm2"], plain.all_messages()) == transformers_render(
         templates["smollm2"], [{"role": "user", "content": "Hi"}], True)
-
-
-def test_find_stop():
-    assert find_stop("Hello world", ["<|im_end|>"]) is None
-    assert find_stop("Hi<|im_end|>", ["<|im_end|>"]) == 2
-    assert find_stop("a STOP b <|im_end|>", ["<|im_end|>", "STOP"]) == 2  # the earliest, not the first listed
-    assert find_stop("<|im_end|>", ["<|im_end|>"]) == 0
-    assert find_stop("Hello", ["", "xyz"]) is None  # an empty stop string is ignored
-    assert find_stop("Hello", []) is None
-
-
-def test_safe_prefix_len():
-    stops = ["<|im_end|>", "\nUser:"]
-    assert safe_prefix_len("Hello", stops) == 5
-    assert safe_prefix_len("Hello <|im", stops) == 6  # "<|im" may become "<|im_end|>"
-    assert safe_prefix_len("Hello <", stops) == 6
-    assert safe_prefix_len("Hello <|x", stops) == 9  # "<|x" cannot
-    assert safe_prefix_len("Hi\nUse", stops) == 2
-    assert safe_prefix_len("Hi<|im_end|> more", stops) == 2  # never past a complete stop string
-    assert safe_prefix_len("<|im_end", stops) == 0
-    assert safe_prefix_len("", stops) == 0
-    assert safe_prefix_len("ab<|im_end|", ["<|im_end|>", "b<|im"]) == 1  # the earliest possible start wins
-
-
-def stream(chunks: list[str], stop_strings: list[str]) -> list[str]:
-    """Print as the engine does: what is safe after each chunk, everything left if no stop string came."""
-    text, printed, shown = "", 0, []
-    for chunk in chunks:
-        text += chunk
-        end = safe_prefix_len(text, stop_strings)
-        shown.append(text[printed:end])
-        printed = end
-        if find_stop(text, stop_strings) is not None:
-            return shown
-    shown.append(text[printed:])
-    return shown
-
-
-def test_stop_string_split_across_chunks_is_never_printed():
-    assert stream(["Sure", "! <|im", "_e", "nd|>", " junk"], ["<|im_end|>"]) == ["Sure", "! ", "", ""]
-    # A false alarm is printed once it can no longer be a stop string.
-    assert stream(["a <|im", "_start|> b"], ["<|im_end|>"]) == ["a ", "<|im_start|> b", ""]
-    # Every way of cutting the text into three chunks prints exactly the text before the stop string.
-    text, stops = "Hello world\nUser: <|im_end|>tail", ["<|im_end|>", "\nUser:"]
-    for i in range(len(text) + 1):
-        for j in range(i, len(text) + 1):
-            assert "".join(stream([text[:i], text[i:j], text[j:]], stops)) == "Hello world", (i, j)

@@ -50,7 +50,7 @@ def test_bench_json_reports_speeds():
 
 def test_model_commands_take_every_head_format():
     from trillm.cli import build_parser
-    from trillm.models.layers import HEAD_FORMATS
+    from trillm.weights.head import HEAD_FORMATS
 
     for command in (["generate", "-p", "x"], ["chat"], ["bench"]):
         for head in HEAD_FORMATS:

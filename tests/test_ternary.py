@@ -8,9 +8,9 @@ import torch
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, WeightQuant, pack_weights, unpack_weights
 
 from trillm.errors import CheckpointError
-from trillm.weights import can_concat_rows, concat_rows, make_linear, native, ternary
+from trillm.native import build
+from trillm.weights import can_concat_rows, concat_rows, make_linear, ternary
 from trillm.weights.ternary import (
-    ISAS,
     ReferenceTernaryLinear,
     TernaryLinear,
     TernaryTensor,
@@ -22,16 +22,7 @@ from trillm.weights.ternary import (
     unpack_ternary,
 )
 
-requires_native = pytest.mark.skipif(native.load() is None, reason="the native kernels could not be built")
-
-
-def runnable_isas() -> list[str]:
-    lib = native.load()
-    return [name for name in ("c", "avx2", "avx512") if lib is not None and lib.trillm_ternary_isa(ISAS[name]) > 0]
-
-
-ISA_PARAMS = [pytest.param(name, marks=pytest.mark.skipif(name not in runnable_isas(), reason=f"no {name} here"))
-              for name in ("c", "avx2", "avx512")]
+requires_native = pytest.mark.skipif(build.load() is None, reason="the native kernels could not be built")
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +31,6 @@ def eager_transformers():
     compiling for every new shape."""
     with torch._dynamo.config.patch(disable=True):
         yield
-
-
-@pytest.fixture
-def fresh_native(monkeypatch):
-    """Lets a test change how the library loads; the real one is loaded again afterwards."""
-    native.load.cache_clear()
-    yield
-    monkeypatch.undo()
-    native.load.cache_clear()
 
 
 def random_ternary(out_features: int, in_features: int, scale=None, seed: int = 0) -> TernaryTensor:
@@ -133,10 +115,10 @@ def test_tiles_are_the_same_bytes_reordered():
 
 @pytest.mark.parametrize("use_native", [True, False])
 def test_code_11_is_a_checkpoint_error_naming_the_tensor(use_native, monkeypatch):
-    if use_native and native.load() is None:
+    if use_native and build.load() is None:
         pytest.skip("the native kernels could not be built")
     if not use_native:
-        monkeypatch.setattr(native, "load", lambda: None)
+        monkeypatch.setattr(ternary, "load", lambda: None)
     valid = pack_ternary(torch.randint(-1, 2, (12, 30), dtype=torch.int8))
     check_ternary_codes(valid, "model.layers.0.mlp.down_proj.weight")  # valid codes pass
     for bit_pair in range(4):
@@ -157,13 +139,10 @@ def test_quantize_activations_equals_transformers():
     assert torch.equal(scale, expected_scale)
 
 
-@requires_native
-@pytest.mark.parametrize("isa", ISA_PARAMS)
-def test_native_quantizer_equals_reference(isa):
+def test_native_quantizer_equals_reference(native_level):
     x = activations(12, 2576 + 3, seed=1)
     values, scales = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0])
-    assert native.load().trillm_ternary_quantize(ISAS[isa], x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(),
-                                                 scales.data_ptr()) == 0
+    build.load().trillm_ternary_quantize(x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(), scales.data_ptr())
     expected_values, expected_scales = quantize_activations(x)
     assert torch.equal(values, expected_values) and torch.equal(scales, expected_scales.squeeze(-1))
 
@@ -182,15 +161,13 @@ def test_ternarize_absmean_equals_transformers_online_quantization():
 
 # ---- Linear layers ------------------------------------------------------------------------------------
 
-@requires_native
-@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("tokens", [1, 3, 8, 33, 128])
-def test_kernel_equals_reference_exactly(isa, tokens):
+def test_kernel_equals_reference_exactly(native_level, tokens):
     # rows: one packed row, a partial tile, more than one tile; columns: below and off any vector width
     for out_features, in_features in [(4, 100), (12, 3), (36, 2560 + 16), (68, 257), (132, 64)]:
         weight = random_ternary(out_features, in_features, seed=out_features + in_features)
         x = activations(tokens, in_features, seed=tokens)
-        layer = TernaryLinear(weight, isa=isa)
+        layer = TernaryLinear(weight)
         assert (layer.out_features, layer.in_features) == (out_features, in_features)
         assert torch.equal(layer(x), ReferenceTernaryLinear(weight)(x)), (out_features, in_features)
 
@@ -202,15 +179,15 @@ def test_threads_and_token_blocks_do_not_change_results():
     layer, expected = make_linear(weight), ReferenceTernaryLinear(weight)(x)
     assert isinstance(layer, TernaryLinear)
     for threads in (1, 2, 3):
-        native.set_num_threads(threads)
+        build.set_num_threads(threads)
         y = layer(x)
         assert y.shape == (2, 50, 256) and torch.equal(y, expected)
-    native.set_num_threads(0)
+    build.set_num_threads(0)
 
 
 @pytest.mark.parametrize("use_native", [True, False])
 def test_linear_equals_transformers_bitlinear(use_native):
-    if use_native and native.load() is None:
+    if use_native and build.load() is None:
         pytest.skip("the native kernels could not be built")
     weight = random_ternary(48, 320, scale=[0.37])
     reference = BitLinear(320, 48, bias=False, dtype=torch.float32)
@@ -257,20 +234,11 @@ def test_layer_refuses_wrong_input_width():
 
 
 @requires_native
-def test_instruction_set_from_the_environment(monkeypatch):
-    monkeypatch.setenv("TRILLM_TERNARY_ISA", "c")
-    assert make_linear(random_ternary(4, 8)).isa == ISAS["c"]
-    monkeypatch.setenv("TRILLM_TERNARY_ISA", "sse9")
-    with pytest.raises(ValueError, match="TRILLM_TERNARY_ISA"):
-        make_linear(random_ternary(4, 8))
-
-
-@requires_native
 def test_factory_falls_back_to_reference_twin(fresh_native, monkeypatch):
     weight, x = random_ternary(36, 130), activations(3, 130)
     expected = make_linear(weight)(x)
-    monkeypatch.setenv("TRILLM_NATIVE", "0")
-    native.load.cache_clear()
+    monkeypatch.setenv("TRILLM_ISA", "reference")
+    build.load.cache_clear()
     layer = make_linear(weight)
     assert isinstance(layer, ReferenceTernaryLinear) and torch.equal(layer(x), expected)
     with pytest.raises(RuntimeError, match="unavailable"):

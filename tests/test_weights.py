@@ -1,8 +1,7 @@
 """Weight formats and their kernels: our reference decoders equal the gguf package's numpy dequantizer;
-every native kernel (as built here, and built for AVX2 and for plain C) equals its reference twin on
-awkward shapes and token counts; embeddings, fused rows, and the fallback without native kernels."""
-
-import logging
+every native kernel, on every instruction-set level this machine runs, equals its reference twin on
+awkward shapes and token counts; embeddings, fused and stacked rows, and the fallback without native
+kernels."""
 
 import gguf
 import numpy as np
@@ -10,8 +9,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from trillm.weights import can_concat_rows, concat_rows, make_embedding, make_linear, native
+from trillm.native import build
+from trillm.weights import StackedLinear, can_concat_rows, concat_rows, make_embedding, make_linear
 from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowLinear
 from trillm.weights.ggml import (
     BLOCK_LAYOUTS,
     GGMLEmbedding,
@@ -32,7 +33,7 @@ FP16_FIELDS = {  # byte offsets of each block's fp16 scales (and mins)
 }
 DENSE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-requires_native = pytest.mark.skipif(native.load() is None, reason="the native kernels could not be built")
+requires_native = pytest.mark.skipif(build.load() is None, reason="the native kernels could not be built")
 
 
 def random_ggml(qtype, rows: int, cols: int, seed: int = 0) -> GGMLTensor:
@@ -59,15 +60,6 @@ def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
     """Equal up to float32 summation order: 1e-5 of the largest sum of |w| |x| a row could reach."""
     scale = (x.abs().reshape(-1, x.shape[-1]).double() @ weight.abs().double().T).max().item()
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * scale)
-
-
-@pytest.fixture
-def fresh_native(monkeypatch):
-    """Lets a test change how the library loads; the real one is loaded again afterwards."""
-    native.load.cache_clear()
-    yield
-    monkeypatch.undo()
-    native.load.cache_clear()
 
 
 # ---- Layouts and reference decoders -------------------------------------------------------------
@@ -125,10 +117,9 @@ def test_q6_k_quantizer_blocks_decode_as_gguf_reads_them():
 
 # ---- Native kernels against their reference twins -----------------------------------------------
 
-@requires_native
 @pytest.mark.parametrize("tokens", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
-def test_ggml_linear_equals_reference(qtype, tokens):
+def test_ggml_linear_equals_reference(native_level, qtype, tokens):
     cols = columns_for(qtype)
     for rows in (7, 33, 100):
         weight = random_ggml(qtype, rows, cols, seed=rows)
@@ -139,10 +130,9 @@ def test_ggml_linear_equals_reference(qtype, tokens):
         assert_matmul_close(native_layer(x), reference(x), x, dequantize_ggml(weight))
 
 
-@requires_native
 @pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
-def test_kernel_takes_many_tokens_in_passes(qtype, monkeypatch):
-    monkeypatch.setattr(native, "KERNEL_MAX_TOKENS", 1000)  # 20 tokens in 3 kernel passes, whatever the limit
+def test_kernel_takes_many_tokens_in_passes(native_level, qtype, monkeypatch):
+    monkeypatch.setattr(RowLinear, "kernel_max_tokens", 1000)  # 20 tokens in 3 kernel passes, whatever the limit
     weight = random_ggml(qtype, 33, columns_for(qtype))
     x = torch.randn(2, 10, weight.shape[1])  # leading dimensions are kept
     y = GGMLLinear(weight)(x)
@@ -150,17 +140,16 @@ def test_kernel_takes_many_tokens_in_passes(qtype, monkeypatch):
     assert_matmul_close(y, ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
 
 
-@requires_native
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
-def test_threads_split_rows_without_changing_results(qtype):
+def test_threads_split_rows_without_changing_results(native_level, qtype):
     weight = random_ggml(qtype, 1001, 512)  # large enough to be split over threads
     x = torch.randn(3, 512)
     layer = GGMLLinear(weight)
     outputs = []
     for threads in (1, 2, 3):
-        native.set_num_threads(threads)
+        build.set_num_threads(threads)
         outputs.append(layer(x))
-    native.set_num_threads(0)
+    build.set_num_threads(0)
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     assert_matmul_close(outputs[0], ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
 
@@ -183,9 +172,8 @@ def assert_int8_matmul_equal(actual: torch.Tensor, expected: torch.Tensor, x: to
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6 * scale)
 
 
-@requires_native
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 20, 40])
-def test_q6_k_int8_kernel_equals_its_reference(tokens):
+def test_q6_k_int8_kernel_equals_its_reference(native_level, tokens):
     """Random bytes reach the extremes (codes 0 and 63, scales -128 and 127) the int16 steps must hold."""
     for rows, cols in ((7, 256), (33, 768), (100, 2560)):
         weight = random_ggml(Q.Q6_K, rows, cols, seed=rows)
@@ -193,7 +181,7 @@ def test_q6_k_int8_kernel_equals_its_reference(tokens):
         native_layer = GGMLLinear(weight, int8_activations=True)
         actual, expected = native_layer(x), ReferenceGGMLLinear(weight, int8_activations=True)(x)
         float_matmul = ReferenceGGMLLinear(weight)(x)
-        if tokens > native.KERNEL_MAX_TOKENS:  # prefill: float activations, as for every format
+        if tokens > KERNEL_MAX_TOKENS:  # prefill: float activations, as for every format
             assert_matmul_close(actual, float_matmul, x, dequantize_ggml(weight))
             continue
         assert_int8_matmul_equal(actual, expected, x, dequantize_ggml(weight))
@@ -202,17 +190,16 @@ def test_q6_k_int8_kernel_equals_its_reference(tokens):
         half_steps = (x.abs().unflatten(-1, (-1, 256)).amax(dim=-1, keepdim=True) / 254).expand(-1, -1, 256)
         bound = half_steps.flatten(1) @ dequantize_ggml(weight).abs().T
         assert ((actual - float_matmul).abs() <= bound * 1.001 + 1e-4).all()
-        native.set_num_threads(1)
+        build.set_num_threads(1)
         single_thread = native_layer(x)
-        native.set_num_threads(0)
+        build.set_num_threads(0)
         assert torch.equal(single_thread, actual)
         assert native_layer(x[:0]).shape == (0, rows)
 
 
-@requires_native
 @pytest.mark.parametrize("tokens", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", DENSE_DTYPES, ids=str)
-def test_dense_linear_equals_reference(dtype, tokens):
+def test_dense_linear_equals_reference(native_level, dtype, tokens):
     for rows, cols in ((7, 90), (33, 130), (100, 576)):  # columns that leave a tail after the vectors
         weight = torch.randn(rows, cols).to(dtype)
         x = torch.randn(tokens, cols)
@@ -222,8 +209,7 @@ def test_dense_linear_equals_reference(dtype, tokens):
         assert_matmul_close(layer(x), ReferenceDenseLinear(weight)(x), x, weight.float())
 
 
-@requires_native
-def test_dense_linear_reads_strided_rows_and_adds_bias():
+def test_dense_linear_reads_strided_rows_and_adds_bias(native_level):
     storage = torch.randn(40, 200)
     weight, bias = storage[:, 10:150], torch.randn(40)  # rows 200 floats apart
     x = torch.randn(2, 140)
@@ -232,9 +218,8 @@ def test_dense_linear_reads_strided_rows_and_adds_bias():
 
 # ---- Embeddings and fused rows ----------------------------------------------------------------------
 
-@requires_native
 @pytest.mark.parametrize("qtype", GGML_TYPES, ids=lambda t: t.name)
-def test_ggml_embedding_decodes_looked_up_rows(qtype):
+def test_ggml_embedding_decodes_looked_up_rows(native_level, qtype):
     weight = random_ggml(qtype, 50, columns_for(qtype))
     ids = torch.tensor([[3, 0, 49], [3, 17, 1]])
     expected = dequantize_ggml(weight)[ids]
@@ -247,9 +232,8 @@ def test_ggml_embedding_decodes_looked_up_rows(qtype):
             ReferenceGGMLEmbedding(weight)(torch.tensor([bad_id]))
 
 
-@requires_native
 @pytest.mark.parametrize("dtype", DENSE_DTYPES, ids=str)
-def test_dense_embedding_and_whole_matrix_decode(dtype):
+def test_dense_embedding_and_whole_matrix_decode(native_level, dtype):
     weight = torch.randn(50, 90).to(dtype)
     ids = torch.tensor([[3, 0, 49], [3, 17, 1]])
     embedding = make_embedding(weight)
@@ -258,8 +242,7 @@ def test_dense_embedding_and_whole_matrix_decode(dtype):
     assert torch.equal(DenseLinear(weight).float_weight(), weight.float())
 
 
-@requires_native
-def test_concat_rows_fuses_ggml_and_dense_weights():
+def test_concat_rows_fuses_ggml_and_dense_weights(native_level):
     q, k, v = (random_ggml(Q.Q4_1, rows, 64, seed=rows) for rows in (12, 4, 4))
     fused = concat_rows([q, k, v])
     assert fused.type == Q.Q4_1 and fused.shape == (20, 64)
@@ -277,6 +260,19 @@ def test_concat_rows_fuses_ggml_and_dense_weights():
         concat_rows([gate, up.float()])
 
 
+def test_a_list_of_weights_is_one_layer_over_their_stacked_rows(native_level):
+    """One matmul where the weights share format and columns; where they do not (a Q4_K_M file's Q6_K
+    value projection beside Q4_K queries and keys), one each, the outputs side by side."""
+    x = torch.randn(3, 256)
+    q, k = random_ggml(Q.Q4_K, 12, 256, seed=1), random_ggml(Q.Q4_K, 4, 256, seed=2)
+    for v in (random_ggml(Q.Q4_K, 4, 256, seed=3), random_ggml(Q.Q6_K, 4, 256, seed=3)):
+        layer = make_linear([q, k, v])
+        assert isinstance(layer, StackedLinear) == (v.type != q.type)
+        separate = torch.cat([ReferenceGGMLLinear(w)(x) for w in (q, k, v)], dim=-1)
+        assert layer(x).shape == (3, 20)
+        assert_matmul_close(layer(x), separate, x, torch.cat([dequantize_ggml(w) for w in (q, k, v)]))
+
+
 # ---- Without native kernels ----------------------------------------------------------------------
 
 @requires_native
@@ -287,68 +283,10 @@ def test_factory_falls_back_to_reference_twins(fresh_native, monkeypatch):
     native_outputs = [make_linear(quantized)(x_quantized), make_linear(dense)(x_dense),
                       make_embedding(quantized)(ids)]
 
-    monkeypatch.setenv("TRILLM_NATIVE", "0")
-    native.load.cache_clear()
+    monkeypatch.setenv("TRILLM_ISA", "reference")
+    build.load.cache_clear()
     layers = [make_linear(quantized), make_linear(dense), make_embedding(quantized)]
     assert [type(layer) for layer in layers] == [ReferenceGGMLLinear, ReferenceDenseLinear, ReferenceGGMLEmbedding]
     assert_matmul_close(layers[0](x_quantized), native_outputs[0], x_quantized, dequantize_ggml(quantized))
     assert_matmul_close(layers[1](x_dense), native_outputs[1], x_dense, dense.float())
     assert torch.equal(layers[2](ids), native_outputs[2])
-
-
-def test_missing_compiler_warns_once_and_falls_back(fresh_native, monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("TRILLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "COMPILER", "no-such-gcc")
-    with caplog.at_level(logging.WARNING, logger="trillm"):
-        assert native.load() is None
-        assert native.load() is None
-        assert isinstance(make_linear(random_ggml(Q.Q8_0, 4, 32)), ReferenceGGMLLinear)
-    assert len(caplog.records) == 1 and "native kernels unavailable" in caplog.text
-
-
-def test_compile_error_warns_with_the_error(fresh_native, monkeypatch, tmp_path, caplog):
-    (tmp_path / "broken.c").write_text("int broken = ;\n")
-    monkeypatch.setenv("TRILLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="trillm"):
-        assert native.load() is None
-    assert "could not compile the native kernels" in caplog.text and "error" in caplog.text
-    assert not list((tmp_path / "cache" / "native").iterdir())  # no partial library left behind
-
-
-# ---- The same kernels built for smaller instruction sets --------------------------------------------
-
-def cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
-    except OSError:
-        return False
-
-
-@pytest.mark.parametrize("march", [
-    pytest.param("haswell", marks=pytest.mark.skipif(not cpu_has("avx2"), reason="no AVX2 here")),
-    "x86-64",  # no AVX at all: the plain C path
-])
-def test_avx2_and_plain_c_kernels_equal_reference(march, fresh_native, monkeypatch):
-    flags = [flag if flag != "-march=native" else f"-march={march}" for flag in native.FLAGS]
-    try:
-        lib = native.open_library(native.build(flags))
-    except Exception as error:  # noqa: BLE001 (a compiler that cannot target x86-64 at all)
-        pytest.skip(f"cannot build for -march={march}: {error}")
-    monkeypatch.setattr(native, "load", lambda: lib)
-    for qtype in GGML_TYPES:
-        weight = random_ggml(qtype, 33, columns_for(qtype))
-        for tokens in (1, 5):
-            x = torch.randn(tokens, weight.shape[1])
-            assert_matmul_close(GGMLLinear(weight)(x), ReferenceGGMLLinear(weight)(x), x, dequantize_ggml(weight))
-        assert torch.equal(GGMLEmbedding(weight)(torch.tensor([32, 0])), dequantize_ggml(weight)[[32, 0]])
-    weight = random_ggml(Q.Q6_K, 33, 768)
-    for tokens in (1, 5):
-        x = int8_test_inputs(tokens, 768)
-        assert_int8_matmul_equal(GGMLLinear(weight, int8_activations=True)(x),
-                                 ReferenceGGMLLinear(weight, int8_activations=True)(x), x, dequantize_ggml(weight))
-    for dtype in DENSE_DTYPES:
-        weight, x = torch.randn(33, 90).to(dtype), torch.randn(3, 90)
-        assert_matmul_close(DenseLinear(weight)(x), ReferenceDenseLinear(weight)(x), x, weight.float())
-        assert torch.equal(DenseLinear(weight).float_weight(), weight.float())

@@ -13,7 +13,7 @@ import sentencepiece
 from gguf import GGUFReader, GGUFWriter
 from sentencepiece import sentencepiece_model_pb2
 
-from trillm.checkpoint.synthetic import llama3_tiktoken_file
+from trillm.synth.vocabulary import llama3_tiktoken_file
 
 # Text a tokenizer must get right: code, whitespace runs, leading spaces, accents, CJK, emoji, numbers.
 CORPUS = [

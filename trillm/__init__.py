@@ -11,6 +11,6 @@ import os
 # work. Set before torch (and our kernels) start their thread pools.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trillm.model import Model, load  # noqa: E402
+from trillm.api import Model, load  # noqa: E402
 
 __all__ = ["Model", "load"]

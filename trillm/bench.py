@@ -28,31 +28,34 @@ def random_prompt(vocab_size: int, length: int) -> list[int]:
 
 
 class TrillmRunner:
+    """Greedy decoding through the engine's own prefill and decode steps."""
+
     def __init__(self, model_source: str, dtype: str, head: str | None = None):
         import torch
 
         import trillm
+        from trillm.weights import weight_bytes_per_token
 
         self.torch = torch
         self.model = trillm.load(model_source, head=head)
         self.vocab_size = self.model.config.vocab_size
-        self.weight_bytes = weights_read_per_token(self.model.network)
+        self.weight_bytes = weight_bytes_per_token(self.model.network)
 
     def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
-        from trillm.engine import torch_threads
+        from trillm.engine import GREEDY, Session, decode_one_token, prefill, sample_next
 
         torch, network = self.torch, self.model.network
+        no_history = torch.tensor([], dtype=torch.long)
         with torch.inference_mode():
-            cache = network.new_cache(1, len(prompt) + n_gen + 1)
+            session = Session(network.new_cache(1, len(prompt) + n_gen + 1))
             start = time.perf_counter()
-            token = int(network(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1].argmax())
-            prefill = time.perf_counter() - start
+            token = sample_next(prefill(network, session, prompt), GREEDY, None, no_history)
+            prefill_s = time.perf_counter() - start
             start = time.perf_counter()
-            with torch_threads(1):  # as the engine decodes
-                for position in range(len(prompt), len(prompt) + n_gen):
-                    token = int(network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1].argmax())
-            decode = time.perf_counter() - start
-        return prefill, decode
+            for _ in range(n_gen):
+                token = sample_next(decode_one_token(network, session, token), GREEDY, None, no_history)
+            decode_s = time.perf_counter() - start
+        return prefill_s, decode_s
 
 
 class TransformersRunner:
@@ -122,15 +125,6 @@ class LlamaCppRunner:
 RUNNERS = {"trillm": TrillmRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
 
 
-def weights_read_per_token(network) -> int:
-    """Bytes of stored weights a decode step reads: every linear layer once, plus one embedding row."""
-    total = 0
-    for module in network.modules():
-        if hasattr(module, "stored_bytes") and hasattr(module, "out_features"):
-            total += module.stored_bytes
-    return total
-
-
 def worker_main(engine: str, model_source: str, dtype: str, head: str | None, n_prompt: int, n_gen: int):
     """Load, report ready, then answer each `run` line with one measured run as JSON."""
     import torch
@@ -138,7 +132,7 @@ def worker_main(engine: str, model_source: str, dtype: str, head: str | None, n_
     threads = int(os.environ["TRILLM_BENCH_THREADS"])
     torch.set_num_threads(threads)
     if engine == "trillm":
-        from trillm.weights.native import set_num_threads
+        from trillm.native.build import set_num_threads
 
         set_num_threads(threads)
     try:

@@ -3,7 +3,7 @@
 Follows transformers' `tokenizer.apply_chat_template(messages, tokenize=False)` (transformers 5,
 utils/chat_template_utils.py and tokenization_utils_base.py): the same sandboxed jinja2 environment, the
 same helpers and the same variables, so a template from the Hub or from GGUF metadata gives here the very
-text it gives there. Also the stop-string checks the engine uses while streaming.
+text it gives there.
 """
 import json
 from datetime import datetime
@@ -132,34 +132,7 @@ class Conversation:
         """Forget the turns; the system prompt stays."""
         self.messages.clear()
 
-    def prompt(self, template: str | None, bos_token: str | None = None, eos_token: str | None = None) -> str:
-        """The whole chat rendered, ending where the assistant's next reply begins."""
+    def all_messages(self) -> list[dict]:
+        """The system prompt (if any), then the turns."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return render_chat(template, system + self.messages, add_generation_prompt=True,
-                           bos_token=bos_token, eos_token=eos_token)
-
-
-def find_stop(text: str, stop_strings: list[str]) -> int | None:
-    """Where the earliest stop string starts in `text`, or None."""
-    # An empty stop string would match everywhere and stop before the first word.
-    starts = [start for stop in stop_strings if stop and (start := text.find(stop)) != -1]
-    return min(starts, default=None)
-
-
-def safe_prefix_len(text: str, stop_strings: list[str]) -> int:
-    """How much of `text` can be printed now while streaming.
-
-    Printing stops before a complete stop string, and before a tail of `text` that could still grow into
-    one (its start: "<|im_" when "<|im_end|>" is a stop string), since printed text cannot be taken back.
-    """
-    stop_start = find_stop(text, stop_strings)
-    if stop_start is not None:
-        return stop_start
-    held_back = 0
-    for stop in stop_strings:
-        # The longest tail of `text` that is a beginning of `stop`; a whole `stop` was ruled out above.
-        for length in range(min(len(stop) - 1, len(text)), held_back, -1):
-            if text.endswith(stop[:length]):
-                held_back = length
-                break
-    return len(text) - held_back
+        return system + self.messages

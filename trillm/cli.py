@@ -1,7 +1,7 @@
 """The `trillm` command, in llama.cpp's spirit: generate, chat, tokenize, bench, synth.
 
-Every error a user can cause is printed as one line on stderr with a non-zero exit, no traceback
-(set TRILLM_DEBUG=1 to see one).
+Every error a user can cause is printed as one line on stderr with a non-zero exit, no traceback; an
+error of trillm's own says it is a bug (set TRILLM_DEBUG=1 to see the traceback).
 """
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 
 import trillm
 from trillm.errors import TrillmError
+from trillm.weights.head import HEAD_FORMATS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -18,7 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
                         help="context length in tokens (default: the model's own)")
-    parser.add_argument("--head", default=None, choices=["bf16", "q8_0", "q6_k"],
+    parser.add_argument("--head", default=None, choices=HEAD_FORMATS,
                         help="output head in memory: bf16 (exact), q8_0 (47%% fewer bytes a token) or q6_k "
                              "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
 
@@ -42,7 +43,7 @@ def sampling_from(args):
 
 
 def load_model(args):
-    from trillm.weights.native import set_num_threads
+    from trillm.native.build import set_num_threads
 
     threads = args.threads or os.cpu_count()
     if threads < 1:
@@ -74,22 +75,22 @@ def command_generate(args):
 
 
 def command_chat(args):
+    from trillm.chat import Conversation
     from trillm.engine import Session
 
     sampling = sampling_from(args)
     model = load_model(args)
     session = Session()
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    conversation = Conversation(args.system)
 
     def reply(text: str):
-        messages.append({"role": "user", "content": text})
+        conversation.add_user(text)
         pieces = []
-        for piece in model.stream(messages, args.n_predict, sampling, args.stop, session):
+        for piece in model.stream(conversation.all_messages(), args.n_predict, sampling, args.stop, session):
             pieces.append(piece)
             write(piece)
         write("\n")
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        conversation.add_assistant("".join(pieces))
 
     if not sys.stdin.isatty():  # one message from a pipe, one reply
         text = sys.stdin.read().strip()
@@ -109,7 +110,7 @@ def command_chat(args):
         if text == "/exit":
             return
         if text == "/reset":
-            messages[:] = system
+            conversation.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text:
@@ -133,7 +134,7 @@ def command_bench(args):
 def command_synth(args):
     from pathlib import Path
 
-    from trillm.checkpoint.synthetic import GGUF_LAYOUTS, has_llama3_vocabulary, write_preset
+    from trillm.synth import GGUF_LAYOUTS, has_llama3_vocabulary, write_preset
 
     if args.layout in GGUF_LAYOUTS and Path(args.out).suffix != ".gguf":
         raise TrillmError(f"with --layout {args.layout}, OUT is the .gguf file to write, not {args.out!r}")
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(run=command_bench)
 
-    from trillm.checkpoint.synthetic import LAYOUTS, PRESETS
+    from trillm.synth import LAYOUTS, PRESETS
 
     synth = commands.add_parser("synth", help="write a random-weight checkpoint in a real release's exact layout")
     synth.add_argument("preset", choices=list(PRESETS), help="the model's shape")
@@ -209,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except Exception as error:  # an unexpected failure still gets one line; TRILLM_DEBUG shows the traceback
+    except Exception as error:  # a bug of ours still gets one line; TRILLM_DEBUG shows the traceback
         if os.environ.get("TRILLM_DEBUG"):
             raise
-        print(f"trillm: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"trillm: internal error (a bug in trillm, please report it; TRILLM_DEBUG=1 shows the traceback): "
+              f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -102,10 +102,6 @@ class GGUFCheckpoint:
         except (struct.error, ValueError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({error})") from None
 
-    @property
-    def architecture(self) -> str:
-        return self.metadata.get("general.architecture", "unknown")
-
     def names(self) -> list[str]:
         return list(self.infos)
 

@@ -63,11 +63,6 @@ class HFCheckpoint:
         self._open_files = {}
         self._mappings = {}  # file -> the address range safetensors maps it at
 
-    @property
-    def architecture(self) -> str:
-        architectures = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
-        return architectures[0]
-
     def names(self) -> list[str]:
         return list(self.tensor_files)
 

@@ -25,25 +25,22 @@ layout at load: see `load_bitnet_gguf`.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
 
-from trillm.checkpoint.pages import trim_heap
 from trillm.errors import CheckpointError
 from trillm.models.layers import (
-    Attention,
     Block,
     DecoderConfig,
-    GatedFeedForward,
     RMSNorm,
     Transformer,
-    make_output_head,
-    rope_inverse_frequencies,
     rope_settings_from_hf,
-    squared_relu,
+    self_attention,
+    swiglu,
 )
-from trillm.weights import GGMLTensor, concat_rows, make_embedding
-from trillm.weights.ternary import TernaryTensor, check_ternary_codes, ternarize_absmean, ternary_from_gguf
+from trillm.models.loading import DECODER_LAYER_NAMES, decoder_layer_shapes, load_ends, load_layers, rope_frequencies
+from trillm.native import ops
+from trillm.weights import GGMLTensor, TernaryTensor, make_linear
+from trillm.weights.ternary import check_ternary_codes, ternarize_absmean, ternary_from_gguf
 
 # Ternary codes per stored byte of a packed projection (rows r, r + R, r + 2R, r + 3R share byte row r).
 CODES_PER_BYTE = 4
@@ -57,7 +54,7 @@ DEFAULT_HEAD = "q6_k"
 class BitNetConfig(DecoderConfig):
     packed: bool = True  # uint8 codes + weight_scale ("offline"); False: dense master weights ("online")
     scale_divides: bool = False  # linear_class "bitlinear": y / weight_scale; "autobitlinear": y * weight_scale
-    hidden_act: str = "relu2"  # the FFN's activation: a key of ACTIVATIONS (2B4T's relu2; SiLU in GGUF files)
+    hidden_act: str = "relu2"  # the FFN's activation: a key of GLU_ACTIVATIONS (2B4T's relu2; SiLU in GGUF files)
 
     @classmethod
     def from_hf(cls, config: dict) -> "BitNetConfig":
@@ -95,69 +92,103 @@ class BitNetConfig(DecoderConfig):
         )
 
 
-ACTIVATIONS = {"relu2": squared_relu, "silu": F.silu}
+# The gated FFN's activation, on the fused [gate | up]: 2B4T's squared ReLU, or SiLU (GGUF files of the
+# 1bitLLM models, which llama.cpp runs with SiLU).
+GLU_ACTIVATIONS = {"relu2": ops.squared_relu_glu, "silu": swiglu}
 
 
-def bitnet_block(config: BitNetConfig, weights: dict) -> Block:
-    """RMSNorm, attention with RoPE and a sub-norm before o_proj, RMSNorm, ReLU² GLU with a sub-norm:
-    x + o(subln(attention(norm(x)))), then x + down(subln(relu(gate(x))^2 * up(x))) (silu(gate(x)) in place
-    of relu(gate(x))^2 for GGUF files that ask for SiLU)."""
+class Attention(nn.Module):
+    """LLaMA's grouped-query attention with rotary positions, and an RMSNorm over the heads' output before
+    o_proj (attn_sub_norm): o(subln(attention(x)))."""
+
+    def __init__(self, config: BitNetConfig, q, k, v, sub_norm, o):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv_proj = make_linear([q, k, v])
+        self.attn_sub_norm = RMSNorm(sub_norm, config.rms_norm_eps)
+        self.o_proj = make_linear(o)
+
+    def forward(self, x, rope, cache, layer: int, start: int):
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, -1, self.head_dim)
+        return self.o_proj(self.attn_sub_norm(self_attention(qkv, rope, cache, layer, start, self.num_heads)))
+
+
+class MLP(nn.Module):
+    """The gated FFN with an RMSNorm before down_proj (ffn_sub_norm): down(subln(relu(gate(x))^2 * up(x)))."""
+
+    def __init__(self, config: BitNetConfig, gate, up, sub_norm, down):
+        super().__init__()
+        self.gate_up_proj = make_linear([gate, up])
+        self.activation = GLU_ACTIVATIONS[config.hidden_act]
+        self.ffn_sub_norm = RMSNorm(sub_norm, config.rms_norm_eps)
+        self.down_proj = make_linear(down)
+
+    def forward(self, x):
+        return self.down_proj(self.ffn_sub_norm(self.activation(self.gate_up_proj(x))))
+
+
+def bitnet_block(config: BitNetConfig, w: dict) -> Block:
     eps = config.rms_norm_eps
-    return Block(
-        attention_norm=RMSNorm(weights["attention_norm"], eps),
-        attention=Attention(config.num_heads, config.num_kv_heads, config.head_dim, weights["qkv"], weights["output"],
-                            output_norm=RMSNorm(weights["attention_sub_norm"], eps)),
-        ffn_norm=RMSNorm(weights["ffn_norm"], eps),
-        ffn=GatedFeedForward(weights["gate_up"], weights["down"], activation=ACTIVATIONS[config.hidden_act],
-                             inner_norm=RMSNorm(weights["ffn_sub_norm"], eps)),
-    )
+    return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
+                 attention=Attention(config, w["q"], w["k"], w["v"], w["attention_sub_norm"], w["o"]),
+                 mlp_norm=RMSNorm(w["mlp_norm"], eps),
+                 mlp=MLP(config, w["gate"], w["up"], w["mlp_sub_norm"], w["down"]))
 
 
-# ---- Loading: checkpoint names, expected shapes, the two stored layouts of the projections --------------
+# ---- Loading: LLaMA's tensor names and two sub-norms; the projections' stored layouts ----------------------
 
-NAMES = {"embedding": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
-
-PROJECTIONS = ("q", "k", "v", "output", "gate", "up", "down")
-
-
-def layer_names(i: int) -> dict:
-    prefix = f"model.layers.{i}"
-    return {
-        "attention_norm": f"{prefix}.input_layernorm.weight",
-        "q": f"{prefix}.self_attn.q_proj.weight",
-        "k": f"{prefix}.self_attn.k_proj.weight",
-        "v": f"{prefix}.self_attn.v_proj.weight",
-        "attention_sub_norm": f"{prefix}.self_attn.attn_sub_norm.weight",
-        "output": f"{prefix}.self_attn.o_proj.weight",
-        "ffn_norm": f"{prefix}.post_attention_layernorm.weight",
-        "gate": f"{prefix}.mlp.gate_proj.weight",
-        "up": f"{prefix}.mlp.up_proj.weight",
-        "ffn_sub_norm": f"{prefix}.mlp.ffn_sub_norm.weight",
-        "down": f"{prefix}.mlp.down_proj.weight",
-    }
+LAYER_NAMES = {
+    **DECODER_LAYER_NAMES,
+    "attention_sub_norm": ("model.layers.{i}.self_attn.attn_sub_norm.weight", "blk.{i}.attn_sub_norm.weight"),
+    "mlp_sub_norm": ("model.layers.{i}.mlp.ffn_sub_norm.weight", "blk.{i}.ffn_sub_norm.weight"),
+}
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def expected_layer_shapes(c: BitNetConfig) -> dict:
+def layer_shapes(c: BitNetConfig) -> dict:
     """Logical shapes (out_features, in_features) of the projections, and the norms' lengths."""
-    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {
-        "attention_norm": (c.hidden_size,),
-        "q": (q_rows, c.hidden_size),
-        "k": (kv_rows, c.hidden_size),
-        "v": (kv_rows, c.hidden_size),
-        "attention_sub_norm": (q_rows,),
-        "output": (c.hidden_size, q_rows),
-        "ffn_norm": (c.hidden_size,),
-        "gate": (c.intermediate_size, c.hidden_size),
-        "up": (c.intermediate_size, c.hidden_size),
-        "ffn_sub_norm": (c.intermediate_size,),
-        "down": (c.hidden_size, c.intermediate_size),
-    }
+    return {**decoder_layer_shapes(c), "attention_sub_norm": (c.num_heads * c.head_dim,),
+            "mlp_sub_norm": (c.intermediate_size,)}
+
+
+def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
+    """Build BitNet from an HF folder in either layout, checking every tensor's shape and every code.
+
+    `head` is the tied output head's format in memory: "bf16" (the stored embedding itself, exact), "q8_0"
+    or "q6_k", the default (see weights/head.py). The head is the largest read of a decode step: 656 MB
+    in bf16 for 2B4T, more than all 30 layers' ternary weights (497 MB); Q8_0 makes it 349 MB, Q6_K 269 MB.
+    Measured on `trillm synth bitnet-b1.58-2b-4t` (random weights, 2 threads, one process):
+    - decoding 34.9 tokens/s with Q6_K, 32.0 with Q8_0, 26.4 with bf16 (the head's matmul 10, 15 and 23 ms);
+      peak RSS ~1150 MB with Q6_K, ~1250 MB with Q8_0;
+    - against the bf16 head, logits (std 4.2) move by 0.086 rms, 0.51 at most with Q6_K (0.079 from its
+      weights, 0.034 from its int8 activations); 0.022 and 0.13 with Q8_0. The greedy token is the same
+      at 289 of 300 steps (teacher-forced; Q8_0: 300), all 11 where the bf16 top two were within 0.3, and
+      3 of 10 prompts decode the same 32 tokens (Q8_0: 8). A random model's top two logits are often that
+      close (a quarter of its steps); trained models have wider margins.
+    """
+    check_supported(checkpoint.config, checkpoint.path / "config.json")
+    config = BitNetConfig.from_hf(checkpoint.config)
+    check_packable(config, checkpoint.path / "config.json")
+    return load_blocks(checkpoint, config, head, lambda name, shape: load_projection(checkpoint, name, shape, config))
+
+
+def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_projection) -> Transformer:
+    """The network from either kind of checkpoint, `read_projection(name, shape)` reading each BitLinear
+    weight as a TernaryTensor. Every block keeps its own retiled or float copies, so the file's pages of
+    all a layer's tensors are let go once it is built."""
+    def read(key: str, name: str, shape: tuple):
+        return read_projection(name, shape) if key in PROJECTIONS else checkpoint.get(name, shape)
+
+    embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
+    blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,
+                         lambda tensors: bitnet_block(config, tensors), copied=tuple(LAYER_NAMES))
+    return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 
 def load_projection(checkpoint, name: str, shape: tuple[int, int], config: BitNetConfig) -> TernaryTensor:
     """One BitLinear weight as ternary codes and the scale that `y = (int8(x) @ W^T) / (act_scale * scale)`
-    needs, from either layout."""
+    needs, from either layout of a folder."""
     if not config.packed:
         return ternarize_absmean(checkpoint.get(name, shape))  # as transformers' online AutoBitLinear does
     out_features, in_features = shape
@@ -177,62 +208,6 @@ def load_projection(checkpoint, name: str, shape: tuple[int, int], config: BitNe
     weight_scale = checkpoint.get(scale_name, (1,)).float()
     # autobitlinear multiplies the output by weight_scale, bitlinear divides it: fold both into a divisor.
     return TernaryTensor(packed, weight_scale if config.scale_divides else 1 / weight_scale, shape)
-
-
-def load_block(checkpoint, config: BitNetConfig, names: dict, shapes: dict, load_projection) -> Block:
-    """One layer from its stored tensors, `load_projection(name, shape)` reading each BitLinear weight.
-
-    The block keeps its own retiled or float copies, so the file's pages are let go at once, and so is
-    the allocator's scratch of the repacking: left in place between the kept copies, 30 layers' worth of
-    it added ~55 MB to the peak of loading 2B4T.
-    """
-    stored = {key: load_projection(names[key], shapes[key]) if key in PROJECTIONS
-              else checkpoint.get(names[key], shapes[key]) for key in names}
-    stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
-    stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
-    block = bitnet_block(config, stored)
-    for name in names.values():
-        checkpoint.release(name)
-    del stored
-    trim_heap()
-    return block
-
-
-def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
-    """Build BitNet from an HF folder in either layout, checking every tensor's shape and every code.
-
-    `head` is the tied output head's format in memory: "bf16" (the stored embedding itself, exact), "q8_0"
-    or "q6_k", the default (see make_output_head). The head is the largest read of a decode step: 656 MB
-    in bf16 for 2B4T, more than all 30 layers' ternary weights (497 MB); Q8_0 makes it 349 MB, Q6_K 269 MB.
-    Measured on `trillm synth bitnet-b1.58-2b-4t` (random weights, 2 threads, one process):
-    - decoding 34.9 tokens/s with Q6_K, 32.0 with Q8_0, 26.4 with bf16 (the head's matmul 10, 15 and 23 ms);
-      peak RSS ~1150 MB with Q6_K, ~1250 MB with Q8_0;
-    - against the bf16 head, logits (std 4.2) move by 0.086 rms, 0.51 at most with Q6_K (0.079 from its
-      weights, 0.034 from its int8 activations); 0.022 and 0.13 with Q8_0. The greedy token is the same
-      at 289 of 300 steps (teacher-forced; Q8_0: 300), all 11 where the bf16 top two were within 0.3, and
-      3 of 10 prompts decode the same 32 tokens (Q8_0: 8). A random model's top two logits are often that
-      close (a quarter of its steps); trained models have wider margins.
-    """
-    check_supported(checkpoint.config, checkpoint.path / "config.json")
-    config = BitNetConfig.from_hf(checkpoint.config)
-    check_packable(config, checkpoint.path / "config.json")
-    shapes = expected_layer_shapes(config)
-
-    embedding_weight = checkpoint.get(NAMES["embedding"], (config.vocab_size, config.hidden_size))
-    embedding = make_embedding(embedding_weight)  # lookups read single rows of the mapped file
-    tied = config.tie_word_embeddings or NAMES["head"] not in checkpoint.names()
-    head_name = NAMES["embedding"] if tied else NAMES["head"]
-    # A quantized head is a copy: the stored rows' pages are let go as they are done, so that the stored
-    # and quantized heads are never both resident.
-    output_head = make_output_head(checkpoint.get(head_name, (config.vocab_size, config.hidden_size)),
-                                   head or DEFAULT_HEAD, lambda start, end: checkpoint.release(head_name, (start, end)))
-    norm = RMSNorm(checkpoint.get(NAMES["norm"], (config.hidden_size,)), config.rms_norm_eps)
-
-    blocks = [load_block(checkpoint, config, layer_names(i), shapes,
-                         lambda name, shape: load_projection(checkpoint, name, shape, config))
-              for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None)]
-    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    return Transformer(config, embedding, blocks, norm, output_head, inv_freq)
 
 
 def check_supported(config: dict, path):
@@ -257,7 +232,7 @@ def check_packable(config: BitNetConfig, path):
     """Packed rows hold 4 codes: every projection's output size must be a multiple of 4."""
     if not config.packed:
         return
-    shapes = expected_layer_shapes(config)
+    shapes = layer_shapes(config)
     for key in PROJECTIONS:
         out_features = shapes[key][0]
         if out_features % CODES_PER_BYTE:
@@ -275,28 +250,18 @@ def check_packable(config: BitNetConfig, path):
 # activation is `bitnet.hidden_activation`, SiLU when absent as in llama.cpp (the 1bitLLM bitnet_b1_58
 # models'); 2B4T's squared ReLU is "relu2".
 
-GGUF_NAMES = {"embedding": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight"}
-
 GGUF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu", "swiglu": "silu"}
 
 GGUF_REQUIRED_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 
 
-def gguf_layer_names(i: int) -> dict:
-    prefix = f"blk.{i}"
-    return {
-        "attention_norm": f"{prefix}.attn_norm.weight",
-        "q": f"{prefix}.attn_q.weight",
-        "k": f"{prefix}.attn_k.weight",
-        "v": f"{prefix}.attn_v.weight",
-        "attention_sub_norm": f"{prefix}.attn_sub_norm.weight",
-        "output": f"{prefix}.attn_output.weight",
-        "ffn_norm": f"{prefix}.ffn_norm.weight",
-        "gate": f"{prefix}.ffn_gate.weight",
-        "up": f"{prefix}.ffn_up.weight",
-        "ffn_sub_norm": f"{prefix}.ffn_sub_norm.weight",
-        "down": f"{prefix}.ffn_down.weight",
-    }
+def load_bitnet_gguf(checkpoint, head: str | None = None) -> Transformer:
+    """Build BitNet from a GGUF file, checking every tensor's shape, code and scale. The same network as
+    `load_bitnet` builds, so the same weights give the same logits from a folder or a GGUF file; `head` as
+    there (a head the file stores in GGML blocks stays as stored)."""
+    check_gguf_supported(checkpoint.metadata, checkpoint.path)
+    config = BitNetConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+    return load_blocks(checkpoint, config, head, lambda name, shape: load_gguf_projection(checkpoint, name, shape))
 
 
 def load_gguf_projection(checkpoint, name: str, shape: tuple[int, int]) -> TernaryTensor:
@@ -308,28 +273,6 @@ def load_gguf_projection(checkpoint, name: str, shape: tuple[int, int]) -> Terna
         stored_type = stored.type.name if isinstance(stored, GGMLTensor) else str(stored.dtype).removeprefix("torch.")
         raise CheckpointError(f"{checkpoint.path}: tensor {name!r} ({stored_type} {list(shape)}): {error}") from None
     return weight
-
-
-def load_bitnet_gguf(checkpoint, head: str | None = None) -> Transformer:
-    """Build BitNet from a GGUF file, checking every tensor's shape, code and scale. The same network as
-    `load_bitnet` builds, so the same weights give the same logits from a folder or a GGUF file; `head` as
-    there (a head the file stores in GGML blocks stays as stored)."""
-    check_gguf_supported(checkpoint.metadata, checkpoint.path)
-    config = BitNetConfig.from_gguf(checkpoint.metadata, checkpoint.names())
-    shapes = expected_layer_shapes(config)
-    vocab_shape = (config.vocab_size, config.hidden_size)
-
-    embedding = make_embedding(checkpoint.get(GGUF_NAMES["embedding"], vocab_shape))
-    head_name = GGUF_NAMES["embedding"] if config.tie_word_embeddings else GGUF_NAMES["head"]
-    output_head = make_output_head(checkpoint.get(head_name, vocab_shape), head or DEFAULT_HEAD,
-                                   lambda start, end: checkpoint.release(head_name, (start, end)))
-    norm = RMSNorm(checkpoint.get(GGUF_NAMES["norm"], (config.hidden_size,)), config.rms_norm_eps)
-
-    blocks = [load_block(checkpoint, config, gguf_layer_names(i), shapes,
-                         lambda name, shape: load_gguf_projection(checkpoint, name, shape))
-              for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None)]
-    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta)
-    return Transformer(config, embedding, blocks, norm, output_head, inv_freq)
 
 
 def check_gguf_supported(metadata: dict, path):

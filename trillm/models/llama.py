@@ -1,29 +1,27 @@
 """LLaMA 2 and LLaMA 3 (Touvron et al., 2023; Grattafiori et al., 2024) and their derivatives (SmolLM2...).
 
-A pre-norm decoder built from the shared blocks of models/layers.py: RMSNorm, grouped-query attention
-with rotary positions, RMSNorm, SwiGLU MLP.
-Reads Hugging Face folders (`LlamaForCausalLM`) and GGUF files (`general.architecture = llama`);
-the checkpoint-name maps for both are at the bottom of this file. Linear layers come from the weights
+A pre-norm decoder (models/layers.py: Block, Transformer): x + attention(norm(x)), then x + mlp(norm(x)),
+with grouped-query attention over rotary positions and a SwiGLU MLP. Numerics follow transformers'
+LlamaForCausalLM (models/llama/modeling_llama.py) in float32. Reads Hugging Face folders
+(`LlamaForCausalLM`) and GGUF files (`general.architecture = llama`); linear layers come from the weights
 factory, which multiplies straight from the stored format (dense, or GGML blocks).
 """
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
 
 from trillm.errors import CheckpointError
 from trillm.models.layers import (
-    Attention,
     Block,
     DecoderConfig,
-    GatedFeedForward,
     RMSNorm,
     Transformer,
-    make_output_head,
-    rope_inverse_frequencies,
     rope_settings_from_hf,
+    self_attention,
+    swiglu,
 )
-from trillm.weights import concat_rows, make_embedding
+from trillm.models.loading import DECODER_LAYER_NAMES, decoder_layer_shapes, load_ends, load_layers, rope_frequencies
+from trillm.weights import make_linear
 
 
 class LlamaConfig(DecoderConfig):
@@ -53,67 +51,66 @@ class LlamaConfig(DecoderConfig):
         return cls(**DecoderConfig.gguf_fields(metadata, tensor_names))
 
 
-def llama_block(config: LlamaConfig, weights: dict) -> Block:
-    """RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU: silu(gate(x)) * up(x) -> down."""
-    return Block(
-        attention_norm=RMSNorm(weights["attention_norm"], config.rms_norm_eps),
-        attention=Attention(config.num_heads, config.num_kv_heads, config.head_dim, weights["qkv"], weights["output"]),
-        ffn_norm=RMSNorm(weights["ffn_norm"], config.rms_norm_eps),
-        ffn=GatedFeedForward(weights["gate_up"], weights["down"], activation=F.silu),
-    )
+class Attention(nn.Module):
+    """Grouped-query attention with rotary positions; q, k and v come from one fused projection."""
+
+    def __init__(self, config: LlamaConfig, q, k, v, o):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv_proj = make_linear([q, k, v])
+        self.o_proj = make_linear(o)
+
+    def forward(self, x, rope, cache, layer: int, start: int):
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, -1, self.head_dim)  # heads, then kv heads for k, then for v
+        return self.o_proj(self_attention(qkv, rope, cache, layer, start, self.num_heads))
 
 
-# ---- Loading: checkpoint names, expected shapes, fusion of q/k/v and gate/up --------------------------
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
 
-def hf_layer_names(i: int) -> dict:
-    prefix = f"model.layers.{i}"
-    return {
-        "attention_norm": f"{prefix}.input_layernorm.weight",
-        "q": f"{prefix}.self_attn.q_proj.weight",
-        "k": f"{prefix}.self_attn.k_proj.weight",
-        "v": f"{prefix}.self_attn.v_proj.weight",
-        "output": f"{prefix}.self_attn.o_proj.weight",
-        "ffn_norm": f"{prefix}.post_attention_layernorm.weight",
-        "gate": f"{prefix}.mlp.gate_proj.weight",
-        "up": f"{prefix}.mlp.up_proj.weight",
-        "down": f"{prefix}.mlp.down_proj.weight",
-    }
+    def __init__(self, gate, up, down):
+        super().__init__()
+        self.gate_up_proj = make_linear([gate, up])
+        self.down_proj = make_linear(down)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
-HF_NAMES = {"embedding": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
+def llama_block(config: LlamaConfig, w: dict) -> Block:
+    eps = config.rms_norm_eps
+    return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
+                 attention=Attention(config, w["q"], w["k"], w["v"], w["o"]),
+                 mlp_norm=RMSNorm(w["mlp_norm"], eps),
+                 mlp=MLP(w["gate"], w["up"], w["down"]))
 
 
-def gguf_layer_names(i: int) -> dict:
-    prefix = f"blk.{i}"
-    return {
-        "attention_norm": f"{prefix}.attn_norm.weight",
-        "q": f"{prefix}.attn_q.weight",
-        "k": f"{prefix}.attn_k.weight",
-        "v": f"{prefix}.attn_v.weight",
-        "output": f"{prefix}.attn_output.weight",
-        "ffn_norm": f"{prefix}.ffn_norm.weight",
-        "gate": f"{prefix}.ffn_gate.weight",
-        "up": f"{prefix}.ffn_up.weight",
-        "down": f"{prefix}.ffn_down.weight",
-    }
+# ---- Loading: the config, every tensor's shape checked, GGUF's q/k row order ---------------------------
 
+def load_llama(checkpoint, head: str | None = None) -> Transformer:
+    """Build the model from an HF folder or a GGUF file, checking every tensor's shape.
 
-GGUF_NAMES = {"embedding": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight"}
+    `head`: None keeps the output head as stored; "bf16", "q8_0" or "q6_k" re-store a dense head (see
+    weights/head.py); a head in GGML blocks stays as the file has it.
+    """
+    gguf = checkpoint.kind == "gguf"
+    if gguf:
+        config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+    else:
+        check_supported(checkpoint.config)
+        config = LlamaConfig.from_hf(checkpoint.config)
 
+    def read(key: str, name: str, shape: tuple):
+        tensor = checkpoint.get(name, shape)
+        if gguf and key in ("q", "k"):
+            return unpermute_rope_rows(tensor, config.num_heads if key == "q" else config.num_kv_heads)
+        return tensor
 
-def expected_layer_shapes(c: LlamaConfig) -> dict:
-    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {
-        "attention_norm": (c.hidden_size,),
-        "q": (q_rows, c.hidden_size),
-        "k": (kv_rows, c.hidden_size),
-        "v": (kv_rows, c.hidden_size),
-        "output": (c.hidden_size, q_rows),
-        "ffn_norm": (c.hidden_size,),
-        "gate": (c.intermediate_size, c.hidden_size),
-        "up": (c.intermediate_size, c.hidden_size),
-        "down": (c.hidden_size, c.intermediate_size),
-    }
+    embedding, output_head, norm = load_ends(checkpoint, config, head)
+    blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
+                         lambda tensors: llama_block(config, tensors), copied=("q", "k", "v", "gate", "up"))
+    return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 
 def unpermute_rope_rows(weight, num_heads: int):
@@ -125,47 +122,6 @@ def unpermute_rope_rows(weight, num_heads: int):
     if isinstance(weight, torch.Tensor):
         return weight[order]
     return type(weight)(weight.type, weight.data[order], weight.shape)
-
-
-def load_llama(checkpoint, head: str | None = None) -> Transformer:
-    """Build the model from an HF folder or a GGUF file, checking every tensor's shape.
-
-    `head`: None keeps the output head as stored; "bf16" or "q8_0" re-store a dense head (see
-    `make_output_head`); a head in GGML blocks stays as the file has it.
-    """
-    if checkpoint.kind == "gguf":
-        config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names())
-        names, layer_names = GGUF_NAMES, gguf_layer_names
-    else:
-        check_supported(checkpoint.config)
-        config = LlamaConfig.from_hf(checkpoint.config)
-        names, layer_names = HF_NAMES, hf_layer_names
-    shapes = expected_layer_shapes(config)
-    vocab_shape = (config.vocab_size, config.hidden_size)
-
-    embedding_weight = checkpoint.get(names["embedding"], vocab_shape)
-    embedding = make_embedding(embedding_weight)
-    tied = config.tie_word_embeddings or names["head"] not in checkpoint.names()
-    head = make_output_head(embedding_weight if tied else checkpoint.get(names["head"], vocab_shape), head)
-    norm = RMSNorm(checkpoint.get(names["norm"], (config.hidden_size,)), config.rms_norm_eps)
-
-    blocks = []
-    for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
-        stored = {key: checkpoint.get(name, shapes[key]) for key, name in layer_names(i).items()}
-        if checkpoint.kind == "gguf":
-            stored["q"] = unpermute_rope_rows(stored["q"], config.num_heads)
-            stored["k"] = unpermute_rope_rows(stored["k"], config.num_kv_heads)
-        stored["qkv"] = concat_rows([stored["q"], stored["k"], stored["v"]])
-        stored["gate_up"] = concat_rows([stored["gate"], stored["up"]])
-        blocks.append(llama_block(config, stored))
-        for key in ("q", "k", "v", "gate", "up"):  # the model keeps its fused copies, not these
-            checkpoint.release(layer_names(i)[key])
-
-    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
-        # llama.cpp stores Llama 3.1's frequency scaling as per-pair divisors.
-        inv_freq = inv_freq / checkpoint.get("rope_freqs.weight", (config.head_dim // 2,)).float()
-    return Transformer(config, embedding, blocks, norm, head, inv_freq)
 
 
 def check_supported(config: dict):

@@ -1,16 +1,18 @@
 """The one factory models build their weights with: it receives tensors as the checkpoint stores them
-and returns the module that computes from them, the native kernel's or, when the kernels cannot be built
-(or TRILLM_NATIVE=0), the pure-PyTorch reference twin. Models never look at formats or kernels.
+and returns the module that computes from them, the native kernel's or, when there are no native kernels
+(they cannot be built, or TRILLM_ISA=reference), the pure-PyTorch reference twin. Models never look at
+formats or kernels.
 
-    make_linear(weight)     forward(x float32 [..., in]) -> float32 [..., out]
-    make_embedding(weight)  forward(ids int64 [...]) -> float32 [..., dim]
-    concat_rows(weights)    one weight of the same kind, to fuse q/k/v or gate/up into one matmul
+    make_linear(weight)         forward(x float32 [..., in]) -> float32 [..., out]
+    make_linear([q, k, v])      the same over the weights' rows stacked: one matmul where they can share one
+    make_embedding(weight)      forward(ids int64 [...]) -> float32 [..., dim]
+    weight_bytes_per_token(m)   the bytes of stored weights a decode step of model m reads
 """
 
 import torch
 from torch import nn
 
-from trillm.weights import native
+from trillm.native.build import load
 from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear, check_dense
 from trillm.weights.ggml import (
     GGMLEmbedding,
@@ -22,14 +24,25 @@ from trillm.weights.ggml import (
 )
 from trillm.weights.ternary import ReferenceTernaryLinear, TernaryLinear, TernaryTensor, concat_ternary_rows
 
-__all__ = ["GGMLTensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear"]
+__all__ = ["GGMLTensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear",
+           "weight_bytes_per_token"]
+
+Weight = torch.Tensor | GGMLTensor | TernaryTensor
 
 
-def make_linear(weight: torch.Tensor | GGMLTensor | TernaryTensor, bias: torch.Tensor | None = None,
+def make_linear(weight: Weight | list[Weight], bias: torch.Tensor | None = None,
                 int8_activations: bool = False) -> nn.Module:
     """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored.
-    `int8_activations` asks for the kernel that quantizes x to int8 first (Q6_K only; see GGMLLinear)."""
-    use_native = native.load() is not None
+
+    A list of weights is their rows stacked in order (q/k/v, gate/up): one matrix, so one matmul, when they
+    share format and columns; else one layer each, their outputs concatenated (GGUF files that mix types,
+    e.g. Q4_K_M with Q6_K value projections). `int8_activations` asks for the kernel that quantizes x to
+    int8 first (Q6_K only; see GGMLLinear)."""
+    if isinstance(weight, list):
+        if not can_concat_rows(weight):
+            return StackedLinear([make_linear(part, int8_activations=int8_activations) for part in weight], bias)
+        weight = concat_rows(weight)
+    use_native = load() is not None
     if isinstance(weight, TernaryTensor):
         return (TernaryLinear if use_native else ReferenceTernaryLinear)(weight, bias)
     if isinstance(weight, GGMLTensor):
@@ -42,7 +55,7 @@ def make_linear(weight: torch.Tensor | GGMLTensor | TernaryTensor, bias: torch.T
 def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     """An embedding table (num_embeddings, dim) as stored; looked-up rows come out float32."""
     if isinstance(weight, GGMLTensor):
-        return (GGMLEmbedding if native.load() is not None else ReferenceGGMLEmbedding)(weight)
+        return (GGMLEmbedding if load() is not None else ReferenceGGMLEmbedding)(weight)
     if isinstance(weight, torch.Tensor):
         return DenseEmbedding(weight)
     raise TypeError(f"no embedding for a {type(weight).__name__}")
@@ -73,3 +86,23 @@ def concat_rows(weights: list) -> torch.Tensor | GGMLTensor | TernaryTensor:
     for weight in weights:
         check_dense(weight)
     return torch.cat(weights)
+
+
+class StackedLinear(nn.Module):
+    """Linear layers over the same input whose outputs are concatenated: stacked weights that cannot share
+    one matrix."""
+
+    def __init__(self, parts: list[nn.Module], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([part(x) for part in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+def weight_bytes_per_token(network: nn.Module) -> int:
+    """Bytes of stored weights a decode step reads: every linear layer's once (the embedding's one row is
+    left out)."""
+    return sum(module.stored_bytes for module in network.modules() if hasattr(module, "stored_bytes"))

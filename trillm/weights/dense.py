@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.native import NativeLinear
+from trillm.weights.linear import RowLinear
 
 # The kernels know the dtypes by their ggml_type numbers (csrc/kernels.h).
 TYPE_CODES = {torch.float32: int(GGMLQuantizationType.F32), torch.float16: int(GGMLQuantizationType.F16),
@@ -23,7 +23,7 @@ def check_dense(weight: torch.Tensor):
                          f"{tuple(weight.shape)}")
 
 
-class DenseLinear(NativeLinear):
+class DenseLinear(RowLinear):
     """y = x W^T + bias with float32 in and out, W in its stored dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):

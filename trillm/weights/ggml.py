@@ -6,7 +6,7 @@ decoders compute what the gguf package's numpy dequantizer (gguf.quants.dequanti
 order of operations; transformers uses that one to load GGUF files, so matching it keeps our greedy
 tokens equal to transformers'. The native kernels (csrc/ggml.c) keep the activations float32 for the
 same reason, but for one that computes as llama.cpp does, Q6_K times int8 activations: 2.5-4x faster, it
-serves the output heads that the caller asks to have in Q6_K (models/layers.py: make_output_head).
+serves the output heads that the caller asks to have in Q6_K (head.py).
 """
 
 from collections.abc import Callable
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.native import KERNEL_MAX_TOKENS, NativeEmbedding, NativeLinear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear
 
 
 @dataclass
@@ -302,9 +302,9 @@ def check_int8_activations(weight: GGMLTensor, int8_activations: bool):
         raise ValueError(f"no int8-activation kernel for {weight.type.name}")
 
 
-class GGMLLinear(NativeLinear):
+class GGMLLinear(RowLinear):
     """y = x W^T computed by the native kernel straight from the GGML blocks (csrc/ggml.c). With
-    `int8_activations` (Q6_K), up to native.KERNEL_MAX_TOKENS tokens are quantized to int8 first and the
+    `int8_activations` (Q6_K), up to KERNEL_MAX_TOKENS tokens are quantized to int8 first and the
     products are integers (q6_k_int8_matmul): 2.5-4x faster, at the cost of the activations' rounding."""
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
@@ -336,7 +336,7 @@ class ReferenceGGMLLinear(nn.Module):
         return F.linear(x.float(), dequantize_ggml(self.weight), self.bias)
 
 
-class GGMLEmbedding(NativeEmbedding):
+class GGMLEmbedding(RowEmbedding):
     """Token embeddings from GGML blocks: the native decoder reads only the looked-up rows."""
 
     def __init__(self, weight: GGMLTensor):

@@ -13,7 +13,6 @@ kernel (csrc/ternary.c), which sums in int32 straight from the 2-bit codes, equa
 """
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,9 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from trillm.errors import CheckpointError
-from trillm.weights import native
+from trillm.native.build import load
 from trillm.weights.ggml import GGMLTensor, fp16_at
+from trillm.weights.linear import NativeLinear
 
 # Beyond this many columns float32 sums of the integer products could round (and int32 lanes overflow).
 MAX_IN_FEATURES = 1 << 17
@@ -33,12 +33,6 @@ BLOCKS_PER_TILING = 4
 
 # Columns repacked at a time when fusing weights (a few MB of int8 for 2B4T's gate/up).
 COLUMNS_PER_REPACK = 256
-
-# Instruction sets of the native kernel, as its first argument (csrc/ternary.c). "best" is the widest this
-# CPU runs; TRILLM_TERNARY_ISA forces one (for tests and comparisons).
-ISAS = {"best": 0, "c": 1, "avx2": 2, "avx512": 3}
-KERNEL_ERRORS = {-1: "this CPU lacks the instruction set asked for", -3: "shape not supported by the kernel",
-                 -4: "out of memory"}
 
 
 @dataclass
@@ -93,15 +87,24 @@ def tile_ternary(packed: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
+def first_invalid_code(flat: torch.Tensor) -> int:
+    """The index of the first byte of flat uint8 codes that holds a code 3 (binary 11), or -1: one pass of
+    the native kernel over a checkpoint's codes."""
+    lib = load()
+    if lib is None:
+        return reference_first_invalid_code(flat)
+    return lib.trillm_ternary_find_invalid(flat.data_ptr(), flat.numel())
+
+
+def reference_first_invalid_code(flat: torch.Tensor) -> int:
+    invalid = ((flat & (flat >> 1)) & 0x55).nonzero()
+    return int(invalid[0]) if len(invalid) else -1
+
+
 def check_ternary_codes(packed: torch.Tensor, name: str):
     """Raise CheckpointError naming the tensor if any 2-bit code is 3 (binary 11, no ternary value)."""
-    lib = native.load()
     flat = packed.contiguous().view(-1)
-    if lib is not None:
-        first = lib.trillm_ternary_find_invalid(flat.data_ptr(), flat.numel())
-    else:
-        invalid = ((flat & (flat >> 1)) & 0x55).nonzero()
-        first = int(invalid[0]) if len(invalid) else -1
+    first = first_invalid_code(flat)
     if first >= 0:
         packed_row, column = divmod(first, packed.shape[-1])
         byte = int(flat[first])
@@ -268,6 +271,23 @@ def ternarize_absmean(weight: torch.Tensor) -> TernaryTensor:
 
 # ---- Linear layers -----------------------------------------------------------------------------------
 
+class TernaryLinear(NativeLinear):
+    """y = x W^T by the native kernel (csrc/ternary.c), from the 2-bit codes retiled once for it; inputs of
+    any length (prefill too) go through the kernel."""
+
+    def __init__(self, weight: TernaryTensor, bias: torch.Tensor | None = None):
+        check_ternary(weight)
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the native kernels are unavailable; use ReferenceTernaryLinear instead")
+        tiles = tile_ternary(weight.packed)  # the only copy of the weights this layer keeps
+        scale = weight.scale.float().reshape(-1).contiguous()
+        matmul = functools.partial(lib.trillm_ternary_matmul, tiles.data_ptr(), *weight.shape, scale.data_ptr(),
+                                   scale.numel())
+        super().__init__(matmul, weight.shape, bias, tiles.numel() + scale.numel() * 4)
+        self.tiles, self.scale = tiles, scale
+
+
 class ReferenceTernaryLinear(nn.Module):
     """TernaryLinear's reference twin: transformers' BitLinear arithmetic in float32, the codes unpacked on
     every call."""
@@ -285,46 +305,3 @@ class ReferenceTernaryLinear(nn.Module):
         y = F.linear(values.float(), unpack_ternary(self.weight.packed).float())  # exact integers
         y = y / (act_scale * self.weight.scale.float())
         return y if self.bias is None else y + self.bias
-
-
-def kernel_isa() -> int:
-    name = os.environ.get("TRILLM_TERNARY_ISA", "best")
-    if name not in ISAS:
-        raise ValueError(f"TRILLM_TERNARY_ISA={name!r}: choose one of {', '.join(ISAS)}")
-    return ISAS[name]
-
-
-class TernaryLinear(nn.Module):
-    """y = x W^T by the native kernel (csrc/ternary.c), from the 2-bit codes retiled once for it.
-
-    `isa` forces an instruction set ("c", "avx2", "avx512"); by default the best this CPU runs.
-    """
-
-    def __init__(self, weight: TernaryTensor, bias: torch.Tensor | None = None, isa: str | None = None):
-        super().__init__()
-        check_ternary(weight)
-        lib = native.load()
-        if lib is None:
-            raise RuntimeError("the native kernels are unavailable; use ReferenceTernaryLinear instead")
-        self.tiles = tile_ternary(weight.packed)  # the only copy of the weights this layer keeps
-        self.scale = weight.scale.float().reshape(-1).contiguous()
-        self.bias = bias
-        self.out_features, self.in_features = weight.shape
-        self.stored_bytes = self.tiles.numel() + self.scale.numel() * 4
-        self.isa = kernel_isa() if isa is None else ISAS[isa]
-        self._matmul = functools.partial(lib.trillm_ternary_matmul, self.isa, self.tiles.data_ptr(),
-                                         self.out_features, self.in_features, self.scale.data_ptr(),
-                                         self.scale.numel())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:  # the kernel would read past x
-            raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        if x.dtype is not torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
-        y = torch.empty((*x.shape[:-1], self.out_features))
-        code = self._matmul(x.data_ptr(), x.numel() // self.in_features, y.data_ptr())
-        if code:
-            raise RuntimeError(f"ternary kernel: {KERNEL_ERRORS.get(code, f'error {code}')}")
-        if self.bias is not None:
-            y += self.bias
-        return y

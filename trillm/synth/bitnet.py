@@ -1,5 +1,4 @@
-"""Synthetic checkpoints: random weights in the exact layout of a real release, for tests and benchmarks
-where the real weights cannot be had.
+"""Synthetic BitNet b1.58 checkpoints: random weights in the exact layout of the real release.
 
 `write_bitnet` writes a Hugging Face folder as microsoft/bitnet-b1.58-2B-4T ships it: config.json (the
 real config, its shape overridable), model.safetensors with the release's tensor names, dtypes and
@@ -15,13 +14,9 @@ spread like a trained model's rather than flat or saturated. The safetensors fil
 (or one slice of the embedding) at a time: a 1.2 GB checkpoint never sits in memory twice.
 """
 
-import base64
 import copy
-import importlib.util
 import json
-import logging
 import math
-import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +26,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from trillm.models.bitnet import GGUF_NAMES, NAMES, BitNetConfig, gguf_layer_names, layer_names
+from trillm.models.bitnet import LAYER_NAMES, BitNetConfig
+from trillm.models.loading import MODEL_NAMES
+from trillm.synth.files import Tensor, write_safetensors
+from trillm.synth.vocabulary import (
+    LLAMA3_VOCAB_SIZE,
+    add_gguf_vocabulary,
+    has_llama3_vocabulary,
+    write_llama3_tokenizer,
+)
 from trillm.weights.ggml import quantize_q8_0
 from trillm.weights.ternary import pack_ternary, unpack_ternary
 
@@ -84,9 +87,6 @@ CHAT_TEMPLATE = (
     "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
     "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
 )
-LLAMA3_VOCAB_SIZE = 128256  # 128000 ranks + 256 special tokens
-
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32"}
 EMBEDDING_ROWS_PER_SLICE = 8192
 
 
@@ -118,7 +118,7 @@ def write_bitnet(folder: str | Path, config: dict, seed: int = 0, tokenizer: boo
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": list(dict.fromkeys(eos_ids))}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer and llama3_vocabulary and has_llama3_vocabulary():
-        write_llama3_tokenizer(folder, config.get("max_position_embeddings", 4096))
+        write_llama3_tokenizer(folder, config.get("max_position_embeddings", 4096), CHAT_TEMPLATE, BOS_TOKEN, EOS_TOKEN)
     return folder
 
 
@@ -133,14 +133,7 @@ def write_preset(preset: str, out: str | Path, layout: str = "packed", seed: int
     return write_bitnet(out, bitnet_config(preset, layout), seed)
 
 
-def has_llama3_vocabulary() -> bool:
-    return importlib.util.find_spec("quicktok") is not None
-
-
 # ---- Tensors: names, shapes and dtypes of the release; random values at a sensible scale ----------------
-
-Tensor = tuple[str, torch.dtype, tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]
-
 
 def bitnet_tensors(config: dict, seed: int) -> list[Tensor]:
     """(name, dtype, shape, slices) of every tensor; `slices()` generates the values, in row order."""
@@ -205,30 +198,6 @@ def bitnet_tensors(config: dict, seed: int) -> list[Tensor]:
     return sorted(tensors, key=lambda tensor: tensor[0])  # the release's order: by name
 
 
-def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None = None):
-    """A .safetensors file (8-byte header length, JSON header, raw little-endian data), written as each
-    tensor's slices are generated: only one slice is in memory at a time."""
-    header, offset = {}, 0
-    for name, dtype, shape, _ in tensors:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = metadata or {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the safetensors writer pads it
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, dtype, shape, slices in tensors:
-            written = 0
-            for piece in slices():
-                assert piece.dtype == dtype, (name, piece.dtype)
-                data = piece.contiguous().view(torch.uint8).numpy()
-                file.write(data.tobytes())
-                written += data.size
-            assert written == header[name]["data_offsets"][1] - header[name]["data_offsets"][0], name
-
-
 # ---- GGUF: the same weights, as llama.cpp's converter writes a BitNet checkpoint --------------------------
 
 GGUF_LAYOUTS = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
@@ -257,7 +226,7 @@ def write_bitnet_gguf(path: str | Path, config: dict, layout: str = "tq2_0", see
     add_gguf_metadata(writer, config, c, GGUF_FILE_TYPES[layout])
     if tokenizer and c.vocab_size == LLAMA3_VOCAB_SIZE and has_llama3_vocabulary():
         with tempfile.TemporaryDirectory() as scratch:
-            write_llama3_tokenizer(Path(scratch), c.max_position_embeddings)
+            write_llama3_tokenizer(Path(scratch), c.max_position_embeddings, CHAT_TEMPLATE, BOS_TOKEN, EOS_TOKEN)
             add_gguf_vocabulary(writer, Path(scratch), c.vocab_size)
 
     # The weights come in name order, each projection's codes right before its weight_scale: the GGUF tensor
@@ -314,10 +283,9 @@ def gguf_data(weights: torch.Tensor, ggml_type: GGMLQuantizationType) -> np.ndar
 
 def gguf_tensor_names(num_layers: int) -> dict:
     """Hugging Face tensor name -> llama.cpp's (gguf's TensorNameMap for MODEL_ARCH.BITNET)."""
-    names = {NAMES[key]: GGUF_NAMES[key] for key in NAMES}
+    names = {hf: gguf_name for hf, gguf_name in MODEL_NAMES.values()}
     for i in range(num_layers):
-        hf, gguf_names = layer_names(i), gguf_layer_names(i)
-        names.update({hf[key]: gguf_names[key] for key in hf})
+        names.update({hf.format(i=i): gguf_name.format(i=i) for hf, gguf_name in LAYER_NAMES.values()})
     return names
 
 
@@ -345,62 +313,3 @@ def add_gguf_metadata(writer: gguf.GGUFWriter, config: dict, c: BitNetConfig, fi
     writer.add_string("bitnet.hidden_activation", config.get("hidden_act", "relu2"))
 
 
-def add_gguf_vocabulary(writer: gguf.GGUFWriter, folder: Path, vocab_size: int):
-    """tokenizer.ggml.* from a Llama 3 tokenizer.json, as the converter's _set_vocab_gpt2 writes them:
-    byte-level pieces by id, added tokens CONTROL when special, pre-tokenizer "llama-bpe" (what its hash of
-    the Llama 3 tokenizer names), then merges, BOS/EOS ids, add_bos and the chat template (gguf.SpecialVocab)."""
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for piece, token_id in data["model"]["vocab"].items():
-        tokens[token_id], types[token_id] = piece, gguf.TokenType.NORMAL
-    for added in data["added_tokens"]:
-        special = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-        tokens[added["id"]], types[added["id"]] = added["content"], special
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    vocab_log = logging.getLogger("gguf.vocab")  # it warns that the BOS template has no pair form: harmless
-    level = vocab_log.level
-    vocab_log.setLevel(logging.ERROR)
-    try:
-        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
-    finally:
-        vocab_log.setLevel(level)
-
-
-# ---- Tokenizer: the Llama 3 vocabulary from quicktok, saved as a tokenizer.json --------------------------
-
-def write_llama3_tokenizer(folder: Path, max_length: int):
-    """tokenizer.json (BOS added, as the release's), tokenizer_config.json with the chat template and the
-    special tokens, special_tokens_map.json. Built from quicktok's copy of Meta's tiktoken ranks the way
-    trillm reads a Llama 3 tokenizer.model, so ids equal Meta's."""
-    from trillm.tokenizer import load_tokenizer
-
-    special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
-    with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / "tokenizer.model").write_bytes(llama3_tiktoken_file())
-        (Path(scratch) / "tokenizer_config.json").write_text(json.dumps({**special_tokens, "add_bos_token": True}))
-        load_tokenizer(scratch).backend.save(str(folder / "tokenizer.json"))
-    tokenizer_config = {**special_tokens, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": True,
-                        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": max_length,
-                        "tokenizer_class": "PreTrainedTokenizerFast"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
-
-
-def llama3_tiktoken_file() -> bytes:
-    """Meta's Llama 3 tokenizer.model (`base64(token) rank` lines) from quicktok's llama3.vocab: u32 count,
-    then per entry u16 length, the token's bytes, u32 rank (little-endian)."""
-    package = Path(importlib.util.find_spec("quicktok").submodule_search_locations[0])
-    data = (package / "data" / "llama3.vocab").read_bytes()
-    (count,) = struct.unpack_from("<I", data, 0)
-    position, lines = 4, []
-    for _ in range(count):
-        (length,) = struct.unpack_from("<H", data, position)
-        token = data[position + 2 : position + 2 + length]
-        (rank,) = struct.unpack_from("<I", data, position + 2 + length)
-        position += 2 + length + 4
-        lines.append(base64.b64encode(token) + b" " + str(rank).encode())
-    return b"\n".join(lines) + b"\n"

@@ -1,6 +1,6 @@
-/* The functions trillm/weights/native.py calls through ctypes: find a weight type's row kernels (dense.c,
- * ggml.c) and split the rows over the thread pool (pool.c). All return 0, or a negative code Python turns
- * into an error: -1 for a type without kernels, -2 for a row index out of range, -4 when out of memory.
+/* The entry points for weights stored as rows (trillm/weights/rows.py): find a weight type's row kernels
+ * (dense.c, ggml.c) and split the rows over the thread pool (pool.c). All return OK or an error code
+ * (kernels.h).
  */
 #include <stdlib.h>
 
@@ -40,11 +40,11 @@ int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, i
                   int64_t tokens, float *y) {
     struct row_kernels kernels;
     if (!dense_kernels(type, &kernels) && !ggml_kernels(type, &kernels))
-        return -1;
+        return ERROR_TYPE;
     struct matmul_call call = {kernels.matmul_rows, {.w = w, .row_bytes = row_bytes, .cols = cols, .x = x, .y = y,
                                                      .y_stride = rows}, rows, tokens};
     run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
-    return 0;
+    return OK;
 }
 
 /* As trillm_matmul, with each token's activations first quantized to int8 (a scale per QK_K of them),
@@ -54,19 +54,19 @@ int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
                        int64_t tokens, float *y) {
     struct row_kernels kernels = {0};
     if (!ggml_kernels(type, &kernels) || !kernels.matmul_rows_int8)
-        return -1;
+        return ERROR_TYPE;
     if (tokens == 0)
-        return 0;
+        return OK;
     struct q8_k_block *x8 = malloc(tokens * (cols / QK_K) * sizeof *x8);
     if (!x8)
-        return -4;
+        return ERROR_MEMORY;
     for (int64_t i = 0; i < tokens * (cols / QK_K); i++)
         quantize_q8_k(x + i * QK_K, x8 + i);
     struct matmul_call call = {kernels.matmul_rows_int8, {.w = w, .row_bytes = row_bytes, .cols = cols, .x8 = x8,
                                                           .y = y, .y_stride = rows}, rows, tokens};
     run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
     free(x8);
-    return 0;
+    return OK;
 }
 
 struct decode_call {
@@ -92,10 +92,14 @@ int trillm_decode_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
                        const int64_t *ids, int64_t n, float *out) {
     struct decode_call call = {.w = w, .row_bytes = row_bytes, .cols = cols, .n = n, .ids = ids, .out = out};
     if (!dense_kernels(type, &call.kernels) && !ggml_kernels(type, &call.kernels))
-        return -1;
+        return ERROR_TYPE;
     for (int64_t i = 0; ids && i < n; i++)
         if (ids[i] < 0 || ids[i] >= rows)
-            return -2;
+            return ERROR_INDEX;
     run_parallel(decode_chunk, &call, threads_for(n * row_bytes), ids != NULL);
-    return 0;
+    return OK;
 }
+
+/* The vector width this library was compiled for (see kernels.h), as a check that the library loaded is
+ * the one asked for. */
+int trillm_vector_floats(void) { return VLEN; }

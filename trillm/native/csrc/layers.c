@@ -1,7 +1,7 @@
 /* The steps of a decoder layer that are not matmuls but would cost the most torch calls in a decode step:
  * RMSNorm, BitNet's squared-ReLU GLU, and the attention of one new token (RoPE, the KV cache's update,
- * attention over the cache). Their PyTorch twins (F.rms_norm; relu, square and a product; apply_rope,
- * KVCache.update and scaled_dot_product_attention) are in trillm/models/layers.py, and the tests compare.
+ * attention over the cache). Their bindings and PyTorch twins are trillm/native/ops.py's rms_norm,
+ * squared_relu_glu and attend_one_token, and the tests hold each to its twin.
  */
 #include <stdlib.h>
 
@@ -32,10 +32,8 @@ void trillm_rms_norm(const float *x, const float *weight, int64_t rows, int64_t 
 }
 
 /* out = relu(gate)^2 * up for each of `tokens` rows of gate_up = [gate (dim) | up (dim)]: BitNet's ReLU² GLU,
- * in torch's order of operations (relu, square, times up), so the results are the same floats. Then, unless
- * norm_weight is NULL, the RMSNorm that BitNet applies next (its "subln"): one call fewer a layer. */
-void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, const float *norm_weight, float eps,
-                             float *out) {
+ * in torch's order of operations (relu, square, times up), so the results are the same floats. */
+void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, float *out) {
     for (int64_t t = 0; t < tokens; t++) {
         const float *gate = gate_up + 2 * t * dim, *up = gate + dim;
         for (int64_t i = 0; i < dim; i++) {
@@ -43,8 +41,6 @@ void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, 
             out[t * dim + i] = relu * relu * up[i];
         }
     }
-    if (norm_weight)
-        trillm_rms_norm(out, norm_weight, tokens, dim, eps, out);
 }
 
 /* x rotated by RoPE in the "rotate half" layout: channel i pairs with channel i + head_dim / 2, and the
@@ -115,16 +111,14 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
 }
 
 /* The attention of a decode step, one new token a sequence at `position`, in one call: rotate its query
- * and key heads (RoPE), store its key and value in the cache, attend over positions 0..position; then,
- * unless norm_weight is NULL, an RMSNorm over each sequence's heads (BitNet's "subln").
+ * and key heads (RoPE), store its key and value in the cache, attend over positions 0..position.
  * qkv: (batch, heads + 2 kv_heads, head_dim), the fused projection's output. cos, sin: (head_dim) tables
  * of this position (see rotate). keys/values: the layer's cache (batch, kv_heads, positions, head_dim)
  * with the given strides. out: (batch, heads, head_dim). Query head h reads kv head h / (heads / kv_heads)
  * (grouped-query attention). */
 void trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
                                 int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t position,
-                                int64_t kv_batch_stride, int64_t kv_head_stride, float scale, const float *norm_weight,
-                                float eps, float *out) {
+                                int64_t kv_batch_stride, int64_t kv_head_stride, float scale, float *out) {
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < kv_heads; h++) {
             const float *key = qkv + (b * (heads + 2 * kv_heads) + heads + h) * head_dim;
@@ -136,6 +130,4 @@ void trillm_attention_one_token(const float *qkv, const float *cos, const float 
                                   kv_batch_stride, kv_head_stride, scale};
     int64_t work = batch * heads * (position + 1) * head_dim;
     run_parallel(attention_chunk, &call, work < PARALLEL_MIN_WORK ? 1 : pool_threads(), 1);
-    if (norm_weight)
-        trillm_rms_norm(out, norm_weight, batch, heads * head_dim, eps, out);
 }

@@ -22,8 +22,8 @@
  * are no horizontal sums, and the 16 lanes of a result are 16 consecutive output rows. Up to 6 tokens
  * share a pass over the weights (24 accumulators in registers).
  * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16 + _mm256_madd_epi16, plain C row by
- * row; the instruction set is chosen at run time (__builtin_cpu_supports), so one library serves any
- * x86-64 CPU, and the caller can force one (tests run all three).
+ * row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512 library has
+ * the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
  *
  * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
  * one token 25-40 GB/s of weights, as fast as the plain read; 8 tokens or more ~400 G int8 MACs/s,
@@ -37,8 +37,19 @@
 
 #include "kernels.h"
 
-/* trillm_ternary_matmul's instruction sets (trillm/weights/ternary.py: ISAS). */
-enum { ISA_BEST = 0, ISA_PLAIN = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+/* The kernel this library holds, by the instruction set it is compiled for. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define TERNARY_AVX512 1
+#define quantize_token quantize_token_avx512
+#define blocks_kernel avx512_blocks
+#elif defined(__AVX2__)
+#define TERNARY_AVX2 1
+#define quantize_token quantize_token_plain
+#define blocks_kernel avx2_blocks
+#else
+#define quantize_token quantize_token_plain
+#define blocks_kernel plain_blocks
+#endif
 
 #define TILE_ROWS 16  /* packed rows a tile: 64 output rows */
 #define TILE_BYTES 64 /* 16 packed rows x 4 columns */
@@ -65,7 +76,6 @@ struct ternary_job {
     const float *act_scale;        /* per token */
     const int32_t *x_sum;          /* per token: the sum of its int8 activations */
     float *y;                      /* (tokens, rows) */
-    void (*blocks_kernel)(const struct ternary_job *job, int64_t b0, int64_t b1);
 };
 
 static ALWAYS_INLINE float weight_scale(const struct ternary_job *job, int64_t row) {
@@ -92,8 +102,6 @@ static ALWAYS_INLINE int32_t four_activations(const struct ternary_job *job, int
  * |q| <= 127: |x| <= max|x| and the scale is 127 / max|x| within 2 ulp, short of 127.5.) */
 static float activation_scale(float absmax) { return (1.0f / (absmax > 1e-5f ? absmax : 1e-5f)) * 127.0f; }
 
-typedef void quantize_token_fn(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum);
-
 static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
     float absmax = 0.0f;
     for (int64_t c = 0; c < cols; c++)
@@ -109,12 +117,8 @@ static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float 
     *sum = total;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-TARGET_AVX512 static void quantize_token_avx512(const float *x, int64_t cols, int8_t *q, float *scale,
-                                                int32_t *sum) {
+#if TERNARY_AVX512
+static void quantize_token_avx512(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
     __m512 absmax = _mm512_setzero_ps();
     for (int64_t c = 0; c < cols; c += 16) {
         __mmask16 valid = cols - c >= 16 ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
@@ -143,20 +147,20 @@ struct quantize_call {
     int64_t stride;
     float *scale;
     int32_t *sum;
-    quantize_token_fn *quantize_token;
 };
 
 static void quantize_chunk(void *arg, int chunk, int chunks) {
     const struct quantize_call *call = arg;
     for (int64_t t = call->tokens * chunk / chunks; t < call->tokens * (chunk + 1) / chunks; t++) {
         int8_t *q = call->q + t * call->stride;
-        call->quantize_token(call->x + t * call->cols, call->cols, q, call->scale + t, call->sum + t);
+        quantize_token(call->x + t * call->cols, call->cols, q, call->scale + t, call->sum + t);
         memset(q + call->cols, 0, call->stride - call->cols);
     }
 }
 
 /* ---- Plain C ------------------------------------------------------------------------------------- */
 
+#if !TERNARY_AVX2 && !TERNARY_AVX512
 static void plain_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *block = job->tiles + b * job->groups * TILE_BYTES;
@@ -175,21 +179,22 @@ static void plain_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) 
         }
     }
 }
+#endif
 
-#if defined(__x86_64__) || defined(__i386__)
-
+#if TERNARY_AVX2 || TERNARY_AVX512
 /* Blocks b0..b1 are contiguous: start the prefetch that the kernels then keep PREFETCH_BYTES ahead. */
 static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t b0, int64_t b1) {
     const uint8_t *first = job->tiles + b0 * job->groups * TILE_BYTES;
     for (int64_t offset = 0; offset < (b1 - b0) * job->groups * TILE_BYTES && offset < PREFETCH_BYTES; offset += 64)
         _mm_prefetch((const char *)(first + offset), _MM_HINT_T1);
 }
+#endif
 
 /* ---- AVX2: each tile as two halves of 8 packed rows -------------------------------------------------- */
 
+#if TERNARY_AVX2
 /* Half h of block b (packed rows 16b + 8h ..) for tokens t0..t0+nt-1. */
-TARGET_AVX2 static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0,
-                                                const int nt) {
+static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0, const int nt) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
@@ -216,7 +221,7 @@ TARGET_AVX2 static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, i
         }
 }
 
-TARGET_AVX2 static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
+static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     prefetch_start(job, b0, b1);
     for (int64_t b = b0; b < b1; b++)
         for (int h = 0; h < 2; h++) {
@@ -228,11 +233,15 @@ TARGET_AVX2 static void avx2_blocks(const struct ternary_job *job, int64_t b0, i
         }
 }
 
+#endif
+
 /* ---- AVX-512 VNNI ---------------------------------------------------------------------------------- */
+
+#if TERNARY_AVX512
 
 /* acc + the dot products of the 4-byte groups of unsigned u8 and signed s8, in 16 int32 lanes. Inline
  * assembly because gcc 12 otherwise copies each accumulator to another register around each one. */
-TARGET_AVX512 static ALWAYS_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+static ALWAYS_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 #if defined(__GNUC__) && !defined(__clang__)
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
     return acc;
@@ -242,8 +251,8 @@ TARGET_AVX512 static ALWAYS_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m51
 }
 
 /* One tile times nt tokens' four activations, into acc[i][t] for the rows p + iR. */
-TARGET_AVX512 static ALWAYS_INLINE void avx512_tile(__m512i acc[4][PASS_TOKENS], const uint8_t *tile,
-                                                  const struct ternary_job *job, int64_t t0, int64_t g, const int nt) {
+static ALWAYS_INLINE void avx512_tile(__m512i acc[4][PASS_TOKENS], const uint8_t *tile, const struct ternary_job *job,
+                                      int64_t t0, int64_t g, const int nt) {
     __m512i bytes = _mm512_loadu_si512(tile), codes[4], x[PASS_TOKENS];
     for (int i = 0; i < 4; i++) /* byte masks 0x03, 0x0C, 0x30, 0xC0: row i's code times 4^i */
         codes[i] = _mm512_and_si512(bytes, _mm512_set1_epi8((char)(3 << (2 * i))));
@@ -256,8 +265,7 @@ TARGET_AVX512 static ALWAYS_INLINE void avx512_tile(__m512i acc[4][PASS_TOKENS],
 
 /* Block b (packed rows 16b..16b+15, outputs 16b + l + iR) for tokens t0..t0+nt-1. One token has two sets
  * of accumulators for alternate tiles, so that consecutive vpdpbusd do not wait on each other. */
-TARGET_AVX512 static ALWAYS_INLINE void avx512_block(const struct ternary_job *job, int64_t b, int64_t t0,
-                                                   const int nt) {
+static ALWAYS_INLINE void avx512_block(const struct ternary_job *job, int64_t b, int64_t t0, const int nt) {
     const int sets = nt == 1 ? 2 : 1;
     const int64_t groups = job->groups, paired = groups / sets * sets;
     const uint8_t *tiles = job->tiles + b * groups * TILE_BYTES;
@@ -293,7 +301,7 @@ TARGET_AVX512 static ALWAYS_INLINE void avx512_block(const struct ternary_job *j
     }
 }
 
-TARGET_AVX512 static void avx512_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
+static void avx512_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     prefetch_start(job, b0, b1);
     for (int64_t b = b0; b < b1; b++)
         for (int64_t t = 0; t < job->tokens;) {
@@ -312,83 +320,45 @@ TARGET_AVX512 static void avx512_blocks(const struct ternary_job *job, int64_t b
         }
 }
 
-static int cpu_has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-static int cpu_has_avx512(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
-#else
-static int cpu_has_avx2(void) { return 0; }
-static int cpu_has_avx512(void) { return 0; }
 #endif
 
 /* ---- Entry points -------------------------------------------------------------------------------- */
 
-/* The instruction set to use for `isa` (ISA_BEST: the widest this CPU runs), or -1 if it lacks it. */
-static int resolve_isa(int isa) {
-    if (isa == ISA_BEST)
-        return cpu_has_avx512() ? ISA_AVX512 : cpu_has_avx2() ? ISA_AVX2 : ISA_PLAIN;
-    if (isa == ISA_PLAIN || (isa == ISA_AVX2 && cpu_has_avx2()) || (isa == ISA_AVX512 && cpu_has_avx512()))
-        return isa;
-    return -1;
-}
-
-static quantize_token_fn *quantizer(int isa) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (isa == ISA_AVX512)
-        return quantize_token_avx512;
-#endif
-    return quantize_token_plain;
-}
-
-/* The instruction set trillm_ternary_matmul runs for `isa`, or -1 if this CPU lacks it. */
-int trillm_ternary_isa(int isa) { return resolve_isa(isa); }
 
 /* The activation quantizer alone, for tests: x (tokens, cols) -> q (tokens, cols), scale (tokens). */
-int trillm_ternary_quantize(int isa, const float *x, int64_t tokens, int64_t cols, int8_t *q, float *scale) {
-    if ((isa = resolve_isa(isa)) < 0)
-        return -1;
+void trillm_ternary_quantize(const float *x, int64_t tokens, int64_t cols, int8_t *q, float *scale) {
     int32_t sum;
     for (int64_t t = 0; t < tokens; t++)
-        quantizer(isa)(x + t * cols, cols, q + t * cols, scale + t, &sum);
-    return 0;
+        quantize_token(x + t * cols, cols, q + t * cols, scale + t, &sum);
 }
 
 static void blocks_chunk(void *arg, int chunk, int chunks) {
     const struct ternary_job *job = arg;
     int64_t blocks = (job->R + TILE_ROWS - 1) / TILE_ROWS;
-    job->blocks_kernel(job, blocks * chunk / chunks, blocks * (chunk + 1) / chunks);
+    blocks_kernel(job, blocks * chunk / chunks, blocks * (chunk + 1) / chunks);
 }
 
 /* y (tokens, rows) = transformers' BitLinear of x (tokens, cols) float32, with weights given as tiles
- * (see the top of this file) and weight_scale of scale_count = 1 or rows entries. Returns 0, -1 if this
- * CPU lacks the instruction set asked for, -3 for shapes the kernel cannot take, -4 when out of memory. */
-int trillm_ternary_matmul(int isa, const uint8_t *tiles, int64_t rows, int64_t cols, const float *w_scale,
+ * (see the top of this file) and weight_scale of scale_count = 1 or rows entries. Returns 0 or an error
+ * code (kernels.h). */
+int trillm_ternary_matmul(const uint8_t *tiles, int64_t rows, int64_t cols, const float *w_scale,
                           int64_t scale_count, const float *x, int64_t tokens, float *y) {
-    if ((isa = resolve_isa(isa)) < 0)
-        return -1;
     if (rows % 4 || cols <= 0 || cols > (1 << 17) || tokens < 0 || (scale_count != 1 && scale_count != rows))
-        return -3;
+        return ERROR_SHAPE;
     if (tokens == 0 || rows == 0)
-        return 0;
+        return OK;
     const int64_t stride = (cols + 63) / 64 * 64;
     uint8_t *scratch = aligned_alloc(64, tokens * stride + (tokens * 8 + 63) / 64 * 64);
     if (!scratch)
-        return -4;
+        return ERROR_MEMORY;
     int8_t *q = (int8_t *)scratch;
     float *act_scale = (float *)(scratch + tokens * stride);
     int32_t *x_sum = (int32_t *)(act_scale + tokens);
-    struct quantize_call quantize = {x, tokens, cols, q, stride, act_scale, x_sum, quantizer(isa)};
+    struct quantize_call quantize = {x, tokens, cols, q, stride, act_scale, x_sum};
     run_parallel(quantize_chunk, &quantize, tokens * cols < 64 * 1024 ? 1 : pool_threads(), 1);
 
     struct ternary_job job = {.tiles = tiles, .R = rows / 4, .rows = rows, .cols = cols, .groups = (cols + 3) / 4,
                               .w_scale = w_scale, .per_row_scale = scale_count != 1, .x_stride = stride};
-#if defined(__x86_64__) || defined(__i386__)
-    job.blocks_kernel = isa == ISA_AVX512 ? avx512_blocks : isa == ISA_AVX2 ? avx2_blocks : plain_blocks;
-#else
-    job.blocks_kernel = plain_blocks;
-#endif
     const int threads = rows / 4 * cols < PARALLEL_MIN_BYTES ? 1 : pool_threads();
     const int64_t block = TOKEN_BLOCK_BYTES / stride > PASS_TOKENS ? TOKEN_BLOCK_BYTES / stride : PASS_TOKENS;
     for (int64_t t0 = 0; t0 < tokens; t0 += block) {
@@ -400,7 +370,7 @@ int trillm_ternary_matmul(int isa, const uint8_t *tiles, int64_t rows, int64_t c
         run_parallel(blocks_chunk, &job, threads, 1);
     }
     free(scratch);
-    return 0;
+    return OK;
 }
 
 /* The position of the first byte holding a code 3 (binary 11, no ternary value) among n, or -1. */

@@ -8,18 +8,9 @@ from trillm.chat import render_chat
 from trillm.checkpoint import open_checkpoint
 from trillm.checkpoint.pages import trim_heap
 from trillm.engine import Sampling, Session, generate_ids, stream_text
-from trillm.errors import CheckpointError, TrillmError
-from trillm.models.bitnet import load_bitnet, load_bitnet_gguf
-from trillm.models.layers import HEAD_FORMATS
-from trillm.models.llama import load_llama
-
-# Architecture names (config.json `architectures`, or GGUF `general.architecture`) -> family loader.
-FAMILIES = {
-    "LlamaForCausalLM": load_llama,
-    "llama": load_llama,
-    "BitNetForCausalLM": load_bitnet,
-    "bitnet": load_bitnet_gguf,
-}
+from trillm.errors import TrillmError
+from trillm.models import family_loader
+from trillm.weights.head import HEAD_FORMATS
 
 
 class Model:
@@ -77,18 +68,14 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None) -> M
     """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model.
 
     `head` picks how the output head is kept in memory, the largest single read of a decode step when it
-    is a tied embedding: "bf16" (exact) or "q8_0" (GGML Q8_0, 47% fewer bytes); None, the family's
-    default: as stored for LLaMA, Q8_0 for BitNet (see `load_bitnet`).
+    is a tied embedding: "bf16" (exact), "q8_0" (GGML Q8_0, 47% fewer bytes than bf16) or "q6_k" (59% fewer,
+    int8 activations; see weights/head.py); None, the family's default: as stored for LLaMA, q6_k for
+    BitNet (models/bitnet.py: DEFAULT_HEAD).
     """
     if head not in (None, *HEAD_FORMATS):
         raise TrillmError(f"invalid output head format {head!r} (choose from {', '.join(HEAD_FORMATS)})")
     checkpoint = open_checkpoint(source)
-    family = FAMILIES.get(checkpoint.architecture)
-    if family is None:
-        raise CheckpointError(
-            f"{checkpoint.path}: unsupported architecture {checkpoint.architecture!r} "
-            f"(supported: {', '.join(sorted(FAMILIES))})"
-        )
+    family = family_loader(checkpoint)
     # The tokenizer first, then its scratch handed back: building a 128k vocabulary passes through ~150 MB
     # that would otherwise sit beside the weights at the peak.
     tokenizer = checkpoint.tokenizer()

@@ -1,8 +1,9 @@
-/* Vector primitives and the interfaces shared by dense.c, ggml.c, matmul.c and pool.c.
+/* Vector primitives and the interfaces shared by the kernel files.
  *
- * The kernels are written once against the few operations below; compiled with -march=native, gcc
- * picks the widest set the machine has: AVX-512 (16 floats a vector), AVX2 with FMA and F16C (8), or
- * plain C (1). Decoders follow the block layouts of llama.cpp's ggml-quants.c.
+ * The kernels are written once against the few operations below. trillm/native/build.py compiles all of
+ * csrc/ once per instruction-set level, and the flags of the level decide what these primitives are:
+ * AVX-512 (16 floats a vector), AVX2 with FMA and F16C (8), or plain C (1). Decoders follow the block
+ * layouts of llama.cpp's ggml-quants.c.
  */
 #ifndef TRILLM_KERNELS_H
 #define TRILLM_KERNELS_H
@@ -15,6 +16,9 @@
 #endif
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* What the entry points return; trillm/native/build.py: ERRORS says each in words. */
+enum { OK = 0, ERROR_TYPE = -1, ERROR_INDEX = -2, ERROR_SHAPE = -3, ERROR_MEMORY = -4 };
 
 /* Tokens one pass over the weights serves; longer inputs are taken in passes of this many. */
 #define MAX_TOKENS 8

@@ -1,0 +1,57 @@
+"""The named native ops equal their PyTorch twins on awkward shapes, on every instruction-set level this
+machine runs, and fall back to them where the kernel cannot take the input."""
+
+import pytest
+import torch
+
+from trillm.models.layers import KVCache, rope_cos_sin, rope_inverse_frequencies
+from trillm.native import ops
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 10), (3, 33), (1, 128, 96)])
+def test_rms_norm_equals_reference(native_level, shape):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 3
+    weight = torch.rand(shape[-1], generator=generator) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.reference_rms_norm(x, weight, 1e-5),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 6912), (2, 3, 2 * 37), (5, 2)])
+def test_squared_relu_glu_equals_reference(native_level, shape):
+    generator = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(shape, generator=generator) * 3
+    gate_up.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    assert torch.equal(ops.squared_relu_glu(gate_up), ops.reference_squared_relu_glu(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(ops.reference_squared_relu_glu(gate_up), torch.relu(gate) ** 2 * up)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, position", [
+    (1, 9, 3, 64, 0), (1, 9, 3, 64, 37), (2, 6, 6, 10, 300), (1, 4, 1, 24, 2000), (3, 5, 5, 18, 5),
+    (1, 20, 5, 128, 90), (2, 4, 2, 80, 33)])
+def test_attend_one_token_equals_reference(native_level, batch, heads, kv_heads, head_dim, position):
+    generator = torch.Generator().manual_seed(1)
+    caches = [KVCache(num_layers=2, batch=batch, num_kv_heads=kv_heads, head_dim=head_dim,
+                      max_length=position + 11) for _ in range(2)]
+    earlier = torch.randn(2, batch, kv_heads, position, head_dim, generator=generator)
+    for cache in caches:  # the positions before this token, as a prefill leaves them
+        cache.update(1, earlier[0], earlier[1], 0)
+    qkv = torch.randn(batch, 1, heads + 2 * kv_heads, head_dim, generator=generator) * 2
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(head_dim, 10000.0), torch.tensor([position]))
+    out = ops.attend_one_token(qkv, cos, sin, caches[0].keys[1], caches[0].values[1], position, heads)
+    expected = ops.reference_attend_one_token(qkv, cos, sin, caches[1].keys[1], caches[1].values[1], position, heads)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    end = position + 1
+    torch.testing.assert_close(caches[0].keys[1][:, :, :end], caches[1].keys[1][:, :, :end], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[0].values[1][:, :, :end], caches[1].values[1][:, :, :end], atol=0, rtol=0)
+
+
+def test_ops_take_inputs_the_kernels_cannot(native_level):
+    """Half precision, and views the kernels cannot read, go to the twins."""
+    x = torch.randn(3, 2, 40)[:, 0]  # rows 80 floats apart
+    weight = torch.rand(40) + 0.5
+    assert not x.is_contiguous()
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), ops.reference_rms_norm(x, weight, 1e-6))
+    gate_up = torch.randn(2, 8).half()
+    assert torch.equal(ops.squared_relu_glu(gate_up), ops.reference_squared_relu_glu(gate_up))

@@ -1,0 +1,76 @@
+"""Generation as plain functions: `prefill` runs a prompt in one pass, `decode_one_token` one token, and
+`generate_ids` samples and stops between them."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from trillm.engine.sampling import Sampling, sample_next
+from trillm.engine.session import Session
+from trillm.errors import TrillmError
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run torch ops on n threads inside the block.
+
+    A decode step is ~150 tiny torch ops around the native matmuls (which have their own threads);
+    waking a second torch thread for each costs more than the op, so decoding runs torch on one. torch's
+    setting (OpenMP's) belongs to the calling thread: sequences run from other threads keep their own.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prefill(network, session: Session, token_ids: list[int]) -> torch.Tensor:
+    """Run these tokens after the session's (their keys and values into its cache); the logits (vocab,)
+    after the last one. One token is a decode step."""
+    if len(token_ids) == 1:
+        return decode_one_token(network, session, token_ids[0])
+    logits = network(torch.tensor([token_ids]), session.cache, len(session.tokens), last_only=True)[0, -1]
+    session.tokens.extend(token_ids)
+    return logits
+
+
+def decode_one_token(network, session: Session, token: int) -> torch.Tensor:
+    """One decode step: the logits (vocab,) after `token`, which joins the session."""
+    with torch_threads(1):
+        logits = network(torch.tensor([[token]]), session.cache, len(session.tokens), last_only=True)[0, -1]
+    session.tokens.append(token)
+    return logits
+
+
+@torch.inference_mode()
+def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stop_ids: set[int],
+                 max_context: int, session: Session | None = None) -> Iterator[int]:
+    """Yield generated token ids; stops at a stop id (not yielded), max_new_tokens or a full context."""
+    if not prompt_ids:
+        raise TrillmError("the prompt is empty")
+    if len(prompt_ids) >= max_context:
+        raise TrillmError(
+            f"the prompt is {len(prompt_ids)} tokens, longer than the context of {max_context} tokens "
+            "(shorten it, or raise --ctx-size up to the model's limit)"
+        )
+    if max_new_tokens < 1:
+        return
+    session = session if session is not None else Session()
+    if session.cache is None:
+        session.cache = network.new_cache(1, max_context)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    history = torch.tensor(prompt_ids, dtype=torch.long)
+
+    logits = prefill(network, session, prompt_ids[session.keep_common_prefix(prompt_ids):])
+    for produced in range(1, max_new_tokens + 1):
+        token = sample_next(logits, sampling, generator, history)
+        if token in stop_ids:
+            return
+        yield token
+        if produced == max_new_tokens or len(session.tokens) == max_context:
+            return  # done, or the context is full
+        history = torch.cat((history, torch.tensor([token])))
+        logits = decode_one_token(network, session, token)

@@ -1,0 +1,23 @@
+"""A sequence's state between calls: its KV cache and the token ids the cache holds."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Session:
+    """A KV cache and the token ids it holds, carried across calls (a chat's history): a new prompt only
+    runs what follows the longest prefix it shares with `tokens`."""
+
+    cache: object = None
+    tokens: list[int] = field(default_factory=list)
+
+    def keep_common_prefix(self, prompt_ids: list[int]) -> int:
+        """Forget the cached tokens after the longest prefix shared with the prompt, but for at least the
+        prompt's last token (it must run again for its logits); return how many are kept."""
+        kept = 0
+        for cached, new in zip(self.tokens, prompt_ids[:-1]):
+            if cached != new:
+                break
+            kept += 1
+        del self.tokens[kept:]
+        return kept

@@ -1,0 +1,102 @@
+"""Building a LLaMA-style decoder from a checkpoint: the names Hugging Face and llama.cpp give its tensors,
+the shapes the config implies, and the loading steps the families share (embedding, output head and norm;
+the layer loop that lets go of what it copied; the RoPE frequencies). A family passes its own reading of
+a layer's tensors and its own block (models/llama.py, models/bitnet.py).
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trillm.checkpoint.pages import trim_heap
+from trillm.models.layers import DecoderConfig, RMSNorm, rope_inverse_frequencies
+from trillm.weights import make_embedding
+from trillm.weights.head import make_output_head
+
+# Our name for a tensor -> (its name in a Hugging Face folder, in a GGUF file); {i} is the layer.
+MODEL_NAMES = {
+    "embedding": ("model.embed_tokens.weight", "token_embd.weight"),
+    "norm": ("model.norm.weight", "output_norm.weight"),
+    "head": ("lm_head.weight", "output.weight"),
+}
+DECODER_LAYER_NAMES = {
+    "attention_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    "q": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    "k": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    "v": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    "o": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    "gate": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    "up": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    "down": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+}
+
+
+def checkpoint_names(table: dict, kind: str, layer: int | None = None) -> dict[str, str]:
+    """Our key -> the tensor's name in a checkpoint of this kind ("safetensors" or "gguf")."""
+    column = 1 if kind == "gguf" else 0
+    return {key: names[column].format(i=layer) for key, names in table.items()}
+
+
+def decoder_layer_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """The logical shape of each tensor of DECODER_LAYER_NAMES: (out_features, in_features), or a norm's length."""
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        "attention_norm": (c.hidden_size,),
+        "q": (q_rows, c.hidden_size),
+        "k": (kv_rows, c.hidden_size),
+        "v": (kv_rows, c.hidden_size),
+        "o": (c.hidden_size, q_rows),
+        "mlp_norm": (c.hidden_size,),
+        "gate": (c.intermediate_size, c.hidden_size),
+        "up": (c.intermediate_size, c.hidden_size),
+        "down": (c.hidden_size, c.intermediate_size),
+    }
+
+
+def load_ends(checkpoint, config: DecoderConfig, head_format: str | None) -> tuple[nn.Module, nn.Module, RMSNorm]:
+    """The embedding, the output head (the embedding's own rows when tied) and the final norm.
+
+    A head re-stored in `head_format` (weights/head.py) is a copy: the stored rows' pages are let go as they
+    are done, so that the stored and the re-stored head are never both resident.
+    """
+    names = checkpoint_names(MODEL_NAMES, checkpoint.kind)
+    vocab_shape = (config.vocab_size, config.hidden_size)
+    embedding = make_embedding(checkpoint.get(names["embedding"], vocab_shape))  # lookups read single rows
+    tied = config.tie_word_embeddings or names["head"] not in checkpoint.names()
+    head_name = names["embedding" if tied else "head"]
+    head = make_output_head(checkpoint.get(head_name, vocab_shape), head_format,
+                            lambda start, end: checkpoint.release(head_name, (start, end)))
+    norm = RMSNorm(checkpoint.get(names["norm"], (config.hidden_size,)), config.rms_norm_eps)
+    return embedding, head, norm
+
+
+def load_layers(checkpoint, config: DecoderConfig, table: dict, shapes: dict,
+                read: Callable[[str, str, tuple], object], make_block: Callable[[dict], nn.Module],
+                copied: tuple[str, ...]) -> list[nn.Module]:
+    """The blocks, one layer at a time: `read(key, name, shape)` gives each of the layer's tensors (of
+    `table`, e.g. DECODER_LAYER_NAMES, with their `shapes`), `make_block(tensors)` its block.
+
+    Then the file pages of the tensors the block holds copies of (`copied`: fused, retiled or converted)
+    are let go, and so is the allocator's scratch of building them: left in place between the kept
+    copies, 30 layers' worth of it added ~55 MB to the peak of loading BitNet 2B4T.
+    """
+    blocks = []
+    for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
+        names = checkpoint_names(table, checkpoint.kind, i)
+        blocks.append(make_block({key: read(key, name, shapes[key]) for key, name in names.items()}))
+        for key in copied:
+            checkpoint.release(names[key])
+        trim_heap()
+    return blocks
+
+
+def rope_frequencies(checkpoint, config: DecoderConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies from the config; in a GGUF file, divided by `rope_freqs.weight` where
+    there is one (llama.cpp stores Llama 3.1's frequency scaling as per-pair divisors)."""
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
+        inv_freq = inv_freq / checkpoint.get("rope_freqs.weight", (config.head_dim // 2,)).float()
+    return inv_freq
