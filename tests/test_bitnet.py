@@ -332,6 +332,17 @@ def test_config_without_bitnet_quantization(packed_folder):
         trillm.load(packed_folder)
 
 
+def test_config_with_model_type_and_no_architectures(packed_folder):
+    """transformers picks the class from model_type when config.json lists no architectures: so do we."""
+    ids = random_ids(101, (2, 9))
+    expected = trillm.load(packed_folder).forward(ids)
+    config = json.loads((packed_folder / "config.json").read_text())
+    del config["architectures"]
+    (packed_folder / "config.json").write_text(json.dumps(config))
+    assert config["model_type"] == "bitnet"
+    assert torch.equal(trillm.load(packed_folder).forward(ids), expected)
+
+
 # ---- The chat command ----------------------------------------------------------------------------------
 
 @needs_vocabulary

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -92,6 +94,48 @@ def test_unknown_architecture(llama_folder):
     with pytest.raises(CheckpointError, match="unsupported architecture 'MambaForCausalLM'"):
         trillm.load(llama_folder)
     assert_one_line_error(run_cli("tokenize", "-m", str(llama_folder), "x"), "MambaForCausalLM")
+
+
+def test_model_type_names_the_family_without_architectures(llama_folder):
+    config_path = llama_folder / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["architectures"]
+    config_path.write_text(json.dumps(config))
+    assert trillm.load(llama_folder).config.num_layers == 2  # model_type "llama"
+    config_path.write_text(json.dumps(dict(config, model_type="mamba")))
+    with pytest.raises(CheckpointError, match="no supported architecture or model_type .model_type 'mamba'"):
+        trillm.load(llama_folder)
+
+
+def test_unknown_gguf_architecture(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="mamba.gguf: unsupported GGUF architecture 'mamba'"):
+        trillm.load(tmp_path / "mamba.gguf")
+
+
+def test_a_bug_of_ours_says_so_in_one_line(monkeypatch, capsys):
+    """An exception that is not a TrillmError is trillm's fault, not the user's: the line says so and how to
+    see the traceback, which TRILLM_DEBUG=1 shows."""
+    from trillm import cli
+
+    def broken(args):
+        raise KeyError("blocks")
+
+    monkeypatch.setattr(cli, "command_tokenize", broken)
+    monkeypatch.delenv("TRILLM_DEBUG", raising=False)
+    assert cli.main(["tokenize", "x"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("trillm: internal error (a bug in trillm") and "TRILLM_DEBUG=1" in captured.err
+    assert "KeyError: 'blocks'" in captured.err
+    monkeypatch.setenv("TRILLM_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["tokenize", "x"])
 
 
 def test_pickle_only_folder_is_refused(llama_folder):

@@ -55,11 +55,11 @@ def write_llama_gguf(path, model, types: dict, tied: bool):
         add(f"blk.{i}.attn_norm.weight", state[f"{hf}.input_layernorm.weight"], Q.F32)
         add(f"blk.{i}.attn_q.weight", q, types["attention"])
         add(f"blk.{i}.attn_k.weight", k, types["attention"])
-        add(f"blk.{i}.attn_v.weight", state[f"{hf}.self_attn.v_proj.weight"], types["attention"])
+        add(f"blk.{i}.attn_v.weight", state[f"{hf}.self_attn.v_proj.weight"], types.get("value", types["attention"]))
         add(f"blk.{i}.attn_output.weight", state[f"{hf}.self_attn.o_proj.weight"], types["attention"])
         add(f"blk.{i}.ffn_norm.weight", state[f"{hf}.post_attention_layernorm.weight"], Q.F32)
         add(f"blk.{i}.ffn_gate.weight", state[f"{hf}.mlp.gate_proj.weight"], types["ffn"])
-        add(f"blk.{i}.ffn_up.weight", state[f"{hf}.mlp.up_proj.weight"], types["ffn"])
+        add(f"blk.{i}.ffn_up.weight", state[f"{hf}.mlp.up_proj.weight"], types.get("up", types["ffn"]))
         add(f"blk.{i}.ffn_down.weight", state[f"{hf}.mlp.down_proj.weight"], types["ffn"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -77,6 +77,12 @@ CASES = {
     "q6_k-gqa2-untied": (dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=512, tie_word_embeddings=False),
                          {"embedding": Q.Q6_K, "attention": Q.Q6_K, "ffn": Q.Q6_K}),
+    # Mixed types within a layer, as llama.cpp's Q4_K_M writes them (its value and some up projections in
+    # a larger type): q/k/v and gate/up cannot share one matrix.
+    "mixed-types-gqa2-tied": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, tie_word_embeddings=True),
+                              {"embedding": Q.Q8_0, "attention": Q.Q4_0, "value": Q.Q8_0, "ffn": Q.Q4_1,
+                               "up": Q.Q5_0}),
 }
 
 
