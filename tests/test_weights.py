@@ -242,6 +242,18 @@ def test_dense_embedding_and_whole_matrix_decode(native_level, dtype):
     assert torch.equal(DenseLinear(weight).float_weight(), weight.float())
 
 
+def test_every_fp16_scale_decodes_exactly(native_level):
+    """Q8_0 blocks whose scale d takes each of the 65536 fp16 bit patterns (zeros, subnormals, infinities,
+    NaNs) and whose codes are 1: each row decodes to d itself, as torch converts it."""
+    scales = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    blocks = torch.cat([scales.view(torch.uint8).view(-1, 2), torch.ones(65536, 32, dtype=torch.uint8)], dim=1)
+    embedding = make_embedding(GGMLTensor(Q.Q8_0, blocks, (65536, 32)))
+    decoded = embedding(torch.arange(65536))[:, 0]
+    expected = scales.float()
+    assert torch.equal(decoded.isnan(), expected.isnan())
+    assert torch.equal(decoded[~expected.isnan()], expected[~expected.isnan()])
+
+
 def test_concat_rows_fuses_ggml_and_dense_weights(native_level):
     q, k, v = (random_ggml(Q.Q4_1, rows, 64, seed=rows) for rows in (12, 4, 4))
     fused = concat_rows([q, k, v])

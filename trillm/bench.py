@@ -232,7 +232,10 @@ def run_bench(args):
             "weights_mb_per_token": worker.weight_bytes / 2**20,
             "implied_gb_per_s": worker.weight_bytes * args.n_gen / decode / 1e9,
         }
+    from trillm.native.build import chosen_level
+
     report = {"model": args.model or "default (SmolLM2-135M-Instruct Q4_1)", "threads": threads,
+              "native_kernels": chosen_level() or "none (PyTorch reference twins)",
               "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
               "machine_bandwidth_gb_per_s": bandwidth / 1e9, "engines": results}
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -241,8 +244,8 @@ def run_bench(args):
 def format_report(report: dict) -> str:
     lines = [
         f"model: {report['model']}",
-        f"threads: {report['threads']}  prompt: {report['n_prompt']} tokens  generate: {report['n_gen']} tokens  "
-        f"medians of {report['repetitions']} runs after a warm-up",
+        f"threads: {report['threads']}  trillm's kernels: {report['native_kernels']}  prompt: {report['n_prompt']} "
+        f"tokens  generate: {report['n_gen']} tokens  medians of {report['repetitions']} runs after a warm-up",
         "",
         f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"
         f"{'weights MB/token':>18}{'implied GB/s':>14}",
