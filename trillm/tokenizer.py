@@ -328,10 +328,9 @@ def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of a token into two tokens, ordered by the token's rank (TikTokenConverter's order:
     within one token, by the ranks of its left then right part)."""
     merges = []
+    lengths = {len(token) for token in ranks}
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
-        splits = [(left, right) for left, right in splits if left in ranks and right in ranks]
-        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+        merges += sorted(_two_part_splits(token, ranks, lengths), key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
     return merges
 
 
@@ -476,12 +475,20 @@ def _sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float] | None
     of a token into two tokens, ranked by the token's score (highest first) or, without scores, by its id;
     ties by the parts' lengths."""
     merges = []
+    lengths = {len(token) for token in vocab}
     for token, rank in (scores or vocab).items():
-        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
-        splits = [(left, right) for left, right in splits if left in vocab and right in vocab]
-        merges += [(left, right, rank) for left, right in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+        splits = sorted(_two_part_splits(token, vocab, lengths), key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        merges += [(left, right, rank) for left, right in splits]
     merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=scores is not None)
     return [(left, right) for left, right, _ in merges]
+
+
+def _two_part_splits(token, vocab, lengths: set[int]) -> list[tuple]:
+    """Every (left, right) with left + right = token, both in the vocabulary (`lengths`: the lengths its
+    entries have). A cut is sliced only where both parts have a length some entry has: one slice per
+    character would make a long token cost its length squared (a 60,000-character token: 3.8 GB)."""
+    return [(token[:cut], token[cut:]) for cut in range(1, len(token))
+            if cut in lengths and len(token) - cut in lengths and token[:cut] in vocab and token[cut:] in vocab]
 
 
 def _gpt2_byte_spelling() -> dict[int, str]:
