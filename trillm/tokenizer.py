@@ -34,7 +34,7 @@ from tokenizers.models import BPE
 from trillm.errors import CheckpointError
 
 # Token types, numbered alike in SentencePiece protos and GGUF `tokenizer.ggml.token_type`.
-UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 
 # Tokens that end a turn when the vocabulary marks them special: llama.cpp's end-of-generation names
 # (llama-vocab.cpp), DeepSeek's, and gpt-oss's harmony stops.
@@ -376,7 +376,8 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     architecture = metadata.get("general.architecture")
     if kind is None or tokens is None:
         raise CheckpointError("GGUF metadata holds no vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = metadata.get("tokenizer.ggml.token_type")
+    types = [NORMAL] * len(tokens) if types is None else types
     merges = metadata.get("tokenizer.ggml.merges")
     merges = [tuple(merge.split(" ")) for merge in merges] if merges is not None else None
 

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
-from trillm.models.layers import (
-    Block,
-    DecoderConfig,
-    RMSNorm,
-    Transformer,
-    rope_settings_from_hf,
-    self_attention,
-    swiglu,
+from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, self_attention, swiglu
+from trillm.models.loading import (
+    DECODER_LAYER_NAMES,
+    decoder_layer_shapes,
+    load_ends,
+    load_layers,
+    read_norm,
+    rope_frequencies,
 )
-from trillm.models.loading import DECODER_LAYER_NAMES, decoder_layer_shapes, load_ends, load_layers, rope_frequencies
 from trillm.native import ops
 from trillm.weights import GGMLTensor, TernaryTensor, make_linear
 from trillm.weights.ternary import check_ternary_codes, ternarize_absmean, ternary_from_gguf
@@ -57,39 +57,54 @@ class BitNetConfig(DecoderConfig):
     hidden_act: str = "relu2"  # the FFN's activation: a key of GLU_ACTIVATIONS (2B4T's relu2; SiLU in GGUF files)
 
     @classmethod
-    def from_hf(cls, config: dict) -> "BitNetConfig":
+    def from_hf(cls, config: dict, source="config.json") -> "BitNetConfig":
         """From config.json; a missing key takes transformers' BitNetConfig default (the 2B4T's shape)."""
-        quantization = config["quantization_config"]
-        linear_class = quantization.get("linear_class", "bitlinear")
-        online = linear_class == "autobitlinear" and quantization.get("quantization_mode", "offline") == "online"
-        rope_theta, rope_scaling = rope_settings_from_hf(config, default_theta=500000.0)
-        hidden, heads = config.get("hidden_size", 2560), config.get("num_attention_heads", 20)
-        kv_heads = config.get("num_key_value_heads", 5)  # transformers' default, even with other head counts
-        return cls(
-            vocab_size=config.get("vocab_size", 128256),
-            hidden_size=hidden,
-            intermediate_size=config.get("intermediate_size", 6912),
-            num_layers=config.get("num_hidden_layers", 30),
-            num_heads=heads,
-            num_kv_heads=kv_heads or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            packed=not online,
-            scale_divides=linear_class == "bitlinear",
-        )
+        fields = Fields(config, source)
+        quantization = fields.table("quantization_config")
+        if quantization.get("quant_method", None) != "bitnet":
+            raise CheckpointError(f"{source}: a BitNetForCausalLM config needs a quantization_config with "
+                                  f"quant_method 'bitnet' (it says how the ternary projections are stored)")
+        linear_class = quantization.text("linear_class", "bitlinear", choices=("bitlinear", "autobitlinear"))
+        mode = quantization.text("quantization_mode", "offline", choices=("offline", "online"))
+        if quantization.flag("use_rms_norm", False):
+            raise CheckpointError(f"{source}: BitNet with use_rms_norm (a norm inside every BitLinear) is not "
+                                  f"supported")
+        fields.text("hidden_act", "relu2", choices=("relu2",))
+        if fields.flag("attention_bias", False):
+            raise CheckpointError(f"{source}: BitNet with attention biases is not supported")
+        defaults = dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
+                        num_attention_heads=20, num_key_value_heads=5, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        max_position_embeddings=2048)  # transformers' BitNetConfig's
+        config = cls(**DecoderConfig.hf_fields(fields, defaults), packed=not (linear_class == "autobitlinear"
+                                                                                 and mode == "online"),
+                     scale_divides=linear_class == "bitlinear")
+        config.check(source)
+        return config
 
     @classmethod
-    def from_gguf(cls, metadata: dict, tensor_names: list[str]) -> "BitNetConfig":
-        """From the metadata of llama.cpp's "bitnet" architecture (see `check_gguf_supported`)."""
-        return cls(
-            **DecoderConfig.gguf_fields(metadata, tensor_names),
-            scale_divides=True,  # TQ blocks hold w = d * code; ternary_from_gguf turns d into the divisor
-            hidden_act=GGUF_ACTIVATIONS[metadata.get("bitnet.hidden_activation", "silu")],
-        )
+    def from_gguf(cls, metadata: dict, tensor_names: list[str], source="GGUF file") -> "BitNetConfig":
+        """From the metadata of llama.cpp's "bitnet" architecture (see the GGUF part of loading)."""
+        fields = Fields(metadata, source)
+        activation = fields.text("bitnet.hidden_activation", "silu", choices=tuple(GGUF_ACTIVATIONS))
+        scaling = fields.text("bitnet.rope.scaling.type", "none")
+        if scaling not in ("none", "linear") or fields.number("bitnet.rope.scaling.factor", 1.0) != 1.0:
+            raise CheckpointError(f"{source}: RoPE scaling {scaling!r} with factor "
+                                  f"{fields.get('bitnet.rope.scaling.factor', 1.0)} is not supported for BitNet")
+        config = cls(**DecoderConfig.gguf_fields(fields, tensor_names),
+                     scale_divides=True,  # TQ blocks hold w = d * code; ternary_from_gguf turns d into the divisor
+                     hidden_act=GGUF_ACTIVATIONS[activation])
+        config.check(source)
+        return config
+
+    def check(self, source):
+        super().check(source)
+        if not self.packed:
+            return
+        shapes = layer_shapes(self)
+        for key in PROJECTIONS:  # packed rows hold 4 codes
+            if shapes[key][0] % CODES_PER_BYTE:
+                raise CheckpointError(f"{source}: packed BitNet projections need output sizes that are multiples "
+                                      f"of {CODES_PER_BYTE}; {key} has {shapes[key][0]}")
 
 
 # The gated FFN's activation, on the fused [gate | up]: 2B4T's squared ReLU, or SiLU (GGUF files of the
@@ -167,9 +182,7 @@ def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
       3 of 10 prompts decode the same 32 tokens (Q8_0: 8). A random model's top two logits are often that
       close (a quarter of its steps); trained models have wider margins.
     """
-    check_supported(checkpoint.config, checkpoint.path / "config.json")
-    config = BitNetConfig.from_hf(checkpoint.config)
-    check_packable(config, checkpoint.path / "config.json")
+    config = BitNetConfig.from_hf(checkpoint.config, checkpoint.path / "config.json")
     return load_blocks(checkpoint, config, head, lambda name, shape: load_projection(checkpoint, name, shape, config))
 
 
@@ -178,7 +191,7 @@ def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_project
     weight as a TernaryTensor. Every block keeps its own retiled or float copies, so the file's pages of
     all a layer's tensors are let go once it is built."""
     def read(key: str, name: str, shape: tuple):
-        return read_projection(name, shape) if key in PROJECTIONS else checkpoint.get(name, shape)
+        return read_projection(name, shape) if key in PROJECTIONS else read_norm(checkpoint, name, shape)
 
     embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
     blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,
@@ -206,38 +219,11 @@ def load_projection(checkpoint, name: str, shape: tuple[int, int], config: BitNe
         raise CheckpointError(f"{file}: tensor {scale_name!r} is missing: each packed BitNet projection needs "
                               f"its weight_scale beside it")
     weight_scale = checkpoint.get(scale_name, (1,)).float()
+    if not torch.isfinite(weight_scale).all() or weight_scale.item() == 0:
+        raise CheckpointError(f"{file}: {scale_name!r} is {weight_scale.item()}: a weight scale must be finite "
+                              f"and nonzero")
     # autobitlinear multiplies the output by weight_scale, bitlinear divides it: fold both into a divisor.
     return TernaryTensor(packed, weight_scale if config.scale_divides else 1 / weight_scale, shape)
-
-
-def check_supported(config: dict, path):
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") != "bitnet":
-        raise CheckpointError(f"{path}: a BitNetForCausalLM config needs a quantization_config with quant_method "
-                              f"'bitnet' (it says how the ternary projections are stored)")
-    linear_class = quantization.get("linear_class", "bitlinear")
-    mode = quantization.get("quantization_mode", "offline")
-    if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("offline", "online"):
-        raise CheckpointError(f"{path}: unsupported BitNet quantization_config linear_class {linear_class!r}, "
-                              f"quantization_mode {mode!r}")
-    if quantization.get("use_rms_norm"):
-        raise CheckpointError(f"{path}: BitNet with use_rms_norm (a norm inside every BitLinear) is not supported")
-    if config.get("hidden_act", "relu2") != "relu2":
-        raise CheckpointError(f"{path}: unsupported activation {config['hidden_act']!r} (BitNet uses relu2)")
-    if config.get("attention_bias"):
-        raise CheckpointError(f"{path}: BitNet with attention biases is not supported")
-
-
-def check_packable(config: BitNetConfig, path):
-    """Packed rows hold 4 codes: every projection's output size must be a multiple of 4."""
-    if not config.packed:
-        return
-    shapes = layer_shapes(config)
-    for key in PROJECTIONS:
-        out_features = shapes[key][0]
-        if out_features % CODES_PER_BYTE:
-            raise CheckpointError(f"{path}: packed BitNet projections need output sizes that are multiples of "
-                                  f"{CODES_PER_BYTE}; {key} has {out_features}")
 
 
 # ---- Loading a GGUF file of llama.cpp's "bitnet" architecture --------------------------------------------
@@ -252,15 +238,12 @@ def check_packable(config: BitNetConfig, path):
 
 GGUF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu", "swiglu": "silu"}
 
-GGUF_REQUIRED_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
-
 
 def load_bitnet_gguf(checkpoint, head: str | None = None) -> Transformer:
     """Build BitNet from a GGUF file, checking every tensor's shape, code and scale. The same network as
     `load_bitnet` builds, so the same weights give the same logits from a folder or a GGUF file; `head` as
     there (a head the file stores in GGML blocks stays as stored)."""
-    check_gguf_supported(checkpoint.metadata, checkpoint.path)
-    config = BitNetConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+    config = BitNetConfig.from_gguf(checkpoint.metadata, checkpoint.names(), checkpoint.path)
     return load_blocks(checkpoint, config, head, lambda name, shape: load_gguf_projection(checkpoint, name, shape))
 
 
@@ -272,20 +255,6 @@ def load_gguf_projection(checkpoint, name: str, shape: tuple[int, int]) -> Terna
     except ValueError as error:
         stored_type = stored.type.name if isinstance(stored, GGMLTensor) else str(stored.dtype).removeprefix("torch.")
         raise CheckpointError(f"{checkpoint.path}: tensor {name!r} ({stored_type} {list(shape)}): {error}") from None
+    if not torch.isfinite(weight.scale).all() or (weight.scale == 0).any():  # the divisors: 1 / the block scale
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r}: a block scale is NaN or infinite")
     return weight
-
-
-def check_gguf_supported(metadata: dict, path):
-    missing = [f"bitnet.{key}" for key in GGUF_REQUIRED_KEYS if f"bitnet.{key}" not in metadata]
-    if missing:
-        raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    if not metadata.get("bitnet.vocab_size") and not metadata.get("tokenizer.ggml.tokens"):
-        raise CheckpointError(f"{path}: GGUF metadata has neither bitnet.vocab_size nor a vocabulary")
-    activation = metadata.get("bitnet.hidden_activation", "silu")
-    if activation not in GGUF_ACTIVATIONS:
-        raise CheckpointError(f"{path}: unsupported bitnet.hidden_activation {activation!r} "
-                              f"(supported: {', '.join(GGUF_ACTIVATIONS)})")
-    scaling = metadata.get("bitnet.rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or metadata.get("bitnet.rope.scaling.factor", 1.0) != 1.0:
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} with factor "
-                              f"{metadata.get('bitnet.rope.scaling.factor')} is not supported for BitNet")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trillm.checkpoint.fields import REQUIRED, Fields
+from trillm.errors import CheckpointError
 from trillm.native import ops
 
 
@@ -36,25 +38,64 @@ class DecoderConfig:
     tie_word_embeddings: bool
 
     @staticmethod
-    def gguf_fields(metadata: dict, tensor_names: list[str]) -> dict:
-        """These fields from GGUF metadata, under llama.cpp's keys for the file's architecture."""
-        arch = metadata["general.architecture"]
-        key = lambda name, default=None: metadata.get(f"{arch}.{name}", default)  # noqa: E731
-        hidden, heads = key("embedding_length"), key("attention.head_count")
+    def hf_fields(config: Fields, defaults: dict) -> dict:
+        """These fields from config.json under transformers' names, each checked; `defaults` holds the
+        family's defaults (transformers' config class's), a key it leaves out is required."""
+        default = lambda key: defaults.get(key, REQUIRED)  # noqa: E731
+        hidden = config.integer("hidden_size", default("hidden_size"))
+        heads = config.integer("num_attention_heads", default("num_attention_heads"))
+        rope_theta, rope_scaling = rope_settings_from_hf(config, default("rope_theta"))
         return dict(
-            vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
+            vocab_size=config.integer("vocab_size", default("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=key("feed_forward_length"),
-            num_layers=key("block_count"),
+            intermediate_size=config.integer("intermediate_size", default("intermediate_size")),
+            num_layers=config.integer("num_hidden_layers", default("num_hidden_layers")),
             num_heads=heads,
-            num_kv_heads=key("attention.head_count_kv") or heads,
-            head_dim=key("attention.key_length") or hidden // heads,
-            rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=key("rope.freq_base", 10000.0),
+            num_kv_heads=config.integer("num_key_value_heads", defaults.get("num_key_value_heads", heads)),
+            head_dim=config.integer("head_dim", hidden // heads),
+            rms_norm_eps=config.number("rms_norm_eps", default("rms_norm_eps"), inclusive=True),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config.integer("max_position_embeddings", default("max_position_embeddings")),
+            tie_word_embeddings=config.flag("tie_word_embeddings", False),
+        )
+
+    @staticmethod
+    def gguf_fields(metadata: Fields, tensor_names: list[str]) -> dict:
+        """These fields from GGUF metadata, under llama.cpp's keys for the file's architecture, each checked."""
+        arch = metadata.text("general.architecture")
+        hidden = metadata.integer(f"{arch}.embedding_length")
+        heads = metadata.integer(f"{arch}.attention.head_count")
+        if f"{arch}.vocab_size" in metadata:
+            vocab_size = metadata.integer(f"{arch}.vocab_size")
+        elif isinstance(metadata.get("tokenizer.ggml.tokens", None), list):
+            vocab_size = len(metadata.get("tokenizer.ggml.tokens"))
+        else:
+            raise CheckpointError(f"{metadata.source}: GGUF metadata has neither {arch}.vocab_size nor a vocabulary "
+                                  f"(tokenizer.ggml.tokens)")
+        return dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=metadata.integer(f"{arch}.feed_forward_length"),
+            num_layers=metadata.integer(f"{arch}.block_count"),
+            num_heads=heads,
+            num_kv_heads=metadata.integer(f"{arch}.attention.head_count_kv", heads),
+            head_dim=metadata.integer(f"{arch}.attention.key_length", hidden // heads),
+            rms_norm_eps=metadata.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, inclusive=True),
+            rope_theta=metadata.number(f"{arch}.rope.freq_base", 10000.0),
             rope_scaling=None,  # llama.cpp stores llama3 scaling as the `rope_freqs.weight` tensor instead
-            max_position_embeddings=key("context_length", 4096),
+            max_position_embeddings=metadata.integer(f"{arch}.context_length", 4096),
             tie_word_embeddings="output.weight" not in tensor_names,
         )
+
+    def check(self, source):
+        """Raise CheckpointError unless the shape is one the layers (and the kernels) can run."""
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(f"{source}: {self.num_heads} attention heads cannot share {self.num_kv_heads} "
+                                  f"KV heads (the heads must be a multiple of the KV heads)")
+        if self.head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim {self.head_dim} is odd, but rotary positions rotate "
+                                  f"pairs of channels")
 
 
 class RMSNorm(nn.Module):
@@ -77,23 +118,28 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 # ---- Rotary position embeddings -----------------------------------------------------------------------
 
-def rope_settings_from_hf(config: dict, default_theta: float) -> tuple[float, dict | None]:
+def rope_settings_from_hf(config: Fields, default_theta: float) -> tuple[float, dict | None]:
     """(theta, scaling) from an HF config.json: transformers 5 moves rope_theta and rope_scaling into
-    `rope_parameters`; older configs have both. Scaling is None for plain RoPE."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = config.get("rope_theta") or rope.get("rope_theta", default_theta)
-    return theta, None if rope_type == "default" else dict(rope, rope_type=rope_type)
+    `rope_parameters`; older configs have both. Scaling is None for plain RoPE, else llama3's parameters."""
+    rope = config.table("rope_parameters" if "rope_parameters" in config else "rope_scaling")
+    rope_type = rope.text("rope_type", rope.text("type", "default"), choices=("default", "llama3"))
+    theta = config.number("rope_theta") if "rope_theta" in config else rope.number("rope_theta", default_theta)
+    if rope_type == "default":
+        return theta, None
+    low, high = rope.number("low_freq_factor"), rope.number("high_freq_factor")
+    if high <= low:
+        raise rope.fail("high_freq_factor", f"greater than low_freq_factor {low:g}", high)
+    return theta, {"rope_type": "llama3", "factor": rope.number("factor"), "low_freq_factor": low,
+                   "high_freq_factor": high,
+                   "original_max_position_embeddings": rope.integer("original_max_position_embeddings")}
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Rotation speed of each pair of channels, (head_dim / 2,), with llama3 scaling if asked for."""
+    """Rotation speed of each pair of channels, (head_dim / 2,), with llama3 scaling if asked for (`scaling`
+    as rope_settings_from_hf gives it)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "default":
+    if scaling is None:
         return inv_freq
-    if rope_type != "llama3":
-        raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
     # Llama 3.1: slow the low frequencies by `factor`, keep the high ones, blend the band between.
     factor = scaling["factor"]
     low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]

@@ -10,45 +10,42 @@ factory, which multiplies straight from the stored format (dense, or GGML blocks
 import torch
 from torch import nn
 
+from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
-from trillm.models.layers import (
-    Block,
-    DecoderConfig,
-    RMSNorm,
-    Transformer,
-    rope_settings_from_hf,
-    self_attention,
-    swiglu,
+from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, self_attention, swiglu
+from trillm.models.loading import (
+    DECODER_LAYER_NAMES,
+    decoder_layer_shapes,
+    load_ends,
+    load_layers,
+    read_tensor,
+    rope_frequencies,
 )
-from trillm.models.loading import DECODER_LAYER_NAMES, decoder_layer_shapes, load_ends, load_layers, rope_frequencies
 from trillm.weights import make_linear
 
 
 class LlamaConfig(DecoderConfig):
-    """LLaMA's hyperparameters, from config.json or from GGUF metadata."""
+    """LLaMA's hyperparameters, from config.json or from GGUF metadata, checked."""
 
     @classmethod
-    def from_hf(cls, config: dict) -> "LlamaConfig":
-        rope_theta, rope_scaling = rope_settings_from_hf(config, default_theta=10000.0)
-        heads = config["num_attention_heads"]
-        return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-        )
+    def from_hf(cls, config: dict, source="config.json") -> "LlamaConfig":
+        fields = Fields(config, source)
+        if fields.text("hidden_act", "silu") != "silu":
+            raise fields.fail("hidden_act", "'silu' (LLaMA's activation)", fields.get("hidden_act"))
+        for bias in ("attention_bias", "mlp_bias"):
+            if fields.flag(bias, False):
+                raise CheckpointError(f"{source}: LLaMA variants with attention/MLP biases are not supported")
+        # transformers' LlamaConfig defaults for what a config.json may leave out.
+        defaults = dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096)
+        config = cls(**DecoderConfig.hf_fields(fields, defaults))
+        config.check(source)
+        return config
 
     @classmethod
-    def from_gguf(cls, metadata: dict, tensor_names: list[str]) -> "LlamaConfig":
-        return cls(**DecoderConfig.gguf_fields(metadata, tensor_names))
+    def from_gguf(cls, metadata: dict, tensor_names: list[str], source="GGUF file") -> "LlamaConfig":
+        config = cls(**DecoderConfig.gguf_fields(Fields(metadata, source), tensor_names))
+        config.check(source)
+        return config
 
 
 class Attention(nn.Module):
@@ -96,13 +93,12 @@ def load_llama(checkpoint, head: str | None = None) -> Transformer:
     """
     gguf = checkpoint.kind == "gguf"
     if gguf:
-        config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names())
+        config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names(), checkpoint.path)
     else:
-        check_supported(checkpoint.config)
-        config = LlamaConfig.from_hf(checkpoint.config)
+        config = LlamaConfig.from_hf(checkpoint.config, checkpoint.path / "config.json")
 
     def read(key: str, name: str, shape: tuple):
-        tensor = checkpoint.get(name, shape)
+        tensor = read_tensor(checkpoint, name, shape)
         if gguf and key in ("q", "k"):
             return unpermute_rope_rows(tensor, config.num_heads if key == "q" else config.num_kv_heads)
         return tensor
@@ -122,10 +118,3 @@ def unpermute_rope_rows(weight, num_heads: int):
     if isinstance(weight, torch.Tensor):
         return weight[order]
     return type(weight)(weight.type, weight.data[order], weight.shape)
-
-
-def check_supported(config: dict):
-    if config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"unsupported activation {config['hidden_act']!r} (LLaMA uses silu)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise CheckpointError("LLaMA variants with attention/MLP biases are not supported")

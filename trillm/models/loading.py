@@ -4,6 +4,7 @@ the layer loop that lets go of what it copied; the RoPE frequencies). A family p
 a layer's tensors and its own block (models/llama.py, models/bitnet.py).
 """
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -11,9 +12,14 @@ from torch import nn
 from tqdm import tqdm
 
 from trillm.checkpoint.pages import trim_heap
+from trillm.errors import CheckpointError
 from trillm.models.layers import DecoderConfig, RMSNorm, rope_inverse_frequencies
-from trillm.weights import make_embedding
+from trillm.weights import GGMLTensor, make_embedding
+from trillm.weights.ggml import check_layout
 from trillm.weights.head import make_output_head
+
+# A layer's tensors are named "model.layers.{i}." (Hugging Face) or "blk.{i}." (GGUF).
+LAYER_INDEX = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.")
 
 # Our name for a tensor -> (its name in a Hugging Face folder, in a GGUF file); {i} is the layer.
 MODEL_NAMES = {
@@ -64,25 +70,61 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None) -> tup
     """
     names = checkpoint_names(MODEL_NAMES, checkpoint.kind)
     vocab_shape = (config.vocab_size, config.hidden_size)
-    embedding = make_embedding(checkpoint.get(names["embedding"], vocab_shape))  # lookups read single rows
-    tied = config.tie_word_embeddings or names["head"] not in checkpoint.names()
-    head_name = names["embedding" if tied else "head"]
-    head = make_output_head(checkpoint.get(head_name, vocab_shape), head_format,
+    embedding = make_embedding(read_weight(checkpoint, names["embedding"], vocab_shape))  # lookups read single rows
+    # A GGUF file says "tied" by having no output.weight (llama.cpp reads token_embd then); config.json says it.
+    head_name = names["embedding" if config.tie_word_embeddings else "head"]
+    head = make_output_head(read_weight(checkpoint, head_name, vocab_shape), head_format,
                             lambda start, end: checkpoint.release(head_name, (start, end)))
-    norm = RMSNorm(checkpoint.get(names["norm"], (config.hidden_size,)), config.rms_norm_eps)
+    norm = RMSNorm(read_norm(checkpoint, names["norm"], (config.hidden_size,)), config.rms_norm_eps)
     return embedding, head, norm
+
+
+def read_weight(checkpoint, name: str, shape: tuple):
+    """A stored matrix, its GGML block layout (if any) checked: the error names the tensor."""
+    weight = checkpoint.get(name, shape)
+    if isinstance(weight, GGMLTensor):
+        try:
+            check_layout(weight)
+        except ValueError as error:
+            raise CheckpointError(f"{checkpoint.file_of(name)}: tensor {name!r}: {error}") from None
+    return weight
+
+
+def read_norm(checkpoint, name: str, shape: tuple) -> torch.Tensor:
+    """A norm's weight: floating point and finite, or an error naming it. (The large matrices are not
+    scanned for NaN at load, as llama.cpp does not without --check-tensors.)"""
+    weight = checkpoint.get(name, shape)
+    if not weight.is_floating_point() or not torch.isfinite(weight).all():
+        problem = f"is {weight.dtype}" if not weight.is_floating_point() else "holds NaN or infinite values"
+        raise CheckpointError(f"{checkpoint.file_of(name)}: norm weight {name!r} {problem}")
+    return weight
+
+
+def read_tensor(checkpoint, name: str, shape: tuple):
+    """A layer tensor of either kind, checked as read_norm or read_weight checks it."""
+    return (read_norm if len(shape) == 1 else read_weight)(checkpoint, name, shape)
+
+
+def check_layer_count(checkpoint, config: DecoderConfig):
+    """Raise CheckpointError if the file holds layers past the config's count (they would be ignored)."""
+    layers = [int(match[1]) for name in checkpoint.names() if (match := LAYER_INDEX.match(name))]
+    if layers and max(layers) >= config.num_layers:
+        raise CheckpointError(f"{checkpoint.path}: the checkpoint holds layers up to {max(layers)}, but its config "
+                              f"says {config.num_layers} layers")
 
 
 def load_layers(checkpoint, config: DecoderConfig, table: dict, shapes: dict,
                 read: Callable[[str, str, tuple], object], make_block: Callable[[dict], nn.Module],
                 copied: tuple[str, ...]) -> list[nn.Module]:
     """The blocks, one layer at a time: `read(key, name, shape)` gives each of the layer's tensors (of
-    `table`, e.g. DECODER_LAYER_NAMES, with their `shapes`), `make_block(tensors)` its block.
+    `table`, e.g. DECODER_LAYER_NAMES, with their `shapes`; read_tensor checks one as stored),
+    `make_block(tensors)` its block.
 
     Then the file pages of the tensors the block holds copies of (`copied`: fused, retiled or converted)
     are let go, and so is the allocator's scratch of building them: left in place between the kept
     copies, 30 layers' worth of it added ~55 MB to the peak of loading BitNet 2B4T.
     """
+    check_layer_count(checkpoint, config)
     blocks = []
     for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
         names = checkpoint_names(table, checkpoint.kind, i)
