@@ -5,16 +5,28 @@ utils/chat_template_utils.py and tokenization_utils_base.py): the same sandboxed
 same helpers and the same variables, so a template from the Hub or from GGUF metadata gives here the very
 text it gives there.
 """
+import functools
 import json
+import re
+import resource
+import string
+import sys
+import time
 from datetime import datetime
-from functools import lru_cache
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from trillm.errors import TrillmError
+
+# A template is code from a model file, and may try to loop for hours or build gigabytes; a real chat
+# template renders in milliseconds to some kilobytes. What rendering may take:
+MAX_PROMPT_CHARS = 4 * 2**20  # the rendered prompt: more text than any model's context holds
+MAX_TEMPLATE_NUMBER = 100_000  # an integer given to a filter, a method or a format width (jinja's own range() cap)
+MAX_RENDER_SECONDS = 10.0
+MAX_RENDER_GROWTH_BYTES = 2**30  # how much the process's peak memory may grow while rendering
 
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -63,21 +75,130 @@ class GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+def check_numbers(values):
+    """Refuse integers larger than a template needs: widths, counts, indents of millions are bombs."""
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_NUMBER:
+            raise SecurityError(f"the number {value} is larger than a chat template may use ({MAX_TEMPLATE_NUMBER})")
+
+
+def check_format_string(text: str):
+    """Refuse format specs with huge widths or precisions ('{0:>3000000000}', '%3000000000s')."""
+    specs = [spec or "" for _, _, spec, _ in string.Formatter().parse(text)]
+    check_numbers(int(number) for spec in specs for number in re.findall(r"\d+", spec))
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox (templates are untrusted code: they ship inside model files) with limits on
+    what one operation may build: sequences repeated or joined past MAX_PROMPT_CHARS, powers past a few
+    thousand bits, and huge numbers handed to calls, filters and format specs are refused."""
+
+    intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+    def call_binop(self, context, operator, left, right):
+        sized = (str, list, tuple)
+        if operator == "*" and isinstance(left, int) and isinstance(right, sized):
+            left, right = right, left
+        if operator == "*" and isinstance(left, sized) and isinstance(right, int) and len(left) * right > MAX_PROMPT_CHARS:
+            raise SecurityError(f"a chat template may not build sequences longer than {MAX_PROMPT_CHARS}")
+        if operator == "+" and isinstance(left, sized) and isinstance(right, sized) and \
+                len(left) + len(right) > MAX_PROMPT_CHARS:
+            raise SecurityError(f"a chat template may not build sequences longer than {MAX_PROMPT_CHARS}")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * max(abs(left), 2).bit_length() > 4096:
+            raise SecurityError(f"{left} ** {right} is larger than a chat template may compute")
+        if operator == "%" and isinstance(left, str):  # printf-style: widths and precisions, and "*" ones
+            check_numbers(int(number) for spec in re.findall(r"%(?:\([^)]*\))?[-+ #0]*(\d*)(?:\.(\d*))?", left)
+                          for number in spec if number)
+            if "*" in left:
+                check_numbers(right if isinstance(right, tuple) else (right,))
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own argument names)
+        check_numbers((*args, *kwargs.values()))
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        formatter = super().wrap_str_format(value)
+        if formatter is None:
+            return None
+
+        def checked(*args, **kwargs):
+            check_format_string(value.__self__)
+            check_numbers((*args, *kwargs.values()))
+            return formatter(*args, **kwargs)
+
+        return functools.update_wrapper(checked, formatter)
+
+
+def bounded_filter(function):
+    """A filter whose arguments (after the value filtered, and the context jinja passes some) are checked."""
+    leading = 2 if getattr(function, "jinja_pass_arg", None) else 1
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        check_numbers((*args[leading:], *kwargs.values()))
+        return function(*args, **kwargs)
+
+    return checked
+
+
 def make_environment() -> ImmutableSandboxedEnvironment:
-    # Templates are untrusted code (they ship inside model files), hence the immutable sandbox.
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
+    environment = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                                 extensions=[GenerationTag, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = tojson
+    environment.filters = {name: bounded_filter(function) for name, function in environment.filters.items()}
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = strftime_now
     return environment
 
 
+class RenderBudget:
+    """Stops a render that runs past MAX_RENDER_SECONDS or grows the process's peak memory by more than
+    MAX_RENDER_GROWTH_BYTES. A compiled template is Python code, so a trace function sees every line it
+    runs, loops included (the sandbox cannot: a loop over a list calls nothing it could check)."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+        self.peak_limit = peak_memory() + MAX_RENDER_GROWTH_BYTES
+        self.lines = 0
+
+    def trace(self, frame, event, arg):
+        self.lines += 1
+        if self.lines % 32 == 0:
+            if time.monotonic() > self.deadline:
+                raise ChatTemplateError(f"the chat template ran for more than {MAX_RENDER_SECONDS:g} s; it was stopped")
+            if peak_memory() > self.peak_limit:
+                raise ChatTemplateError(f"the chat template took more than {MAX_RENDER_GROWTH_BYTES >> 20} MB of "
+                                        f"memory; it was stopped")
+        return self.trace
+
+    def render(self, template: jinja2.Template, variables: dict) -> str:
+        """The whole text, or ChatTemplateError past the budget or past MAX_PROMPT_CHARS of output."""
+        pieces, length = [], 0
+        previous = sys.gettrace()
+        sys.settrace(self.trace)
+        try:
+            for piece in template.generate(**variables):
+                length += len(piece)
+                if length > MAX_PROMPT_CHARS:
+                    raise ChatTemplateError(f"the chat template wrote more than {MAX_PROMPT_CHARS} characters; it "
+                                            f"was stopped")
+                pieces.append(piece)
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
+
+
+def peak_memory() -> int:
+    """The process's peak resident memory in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 TEMPLATE_ENVIRONMENT = make_environment()
 
 
-@lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
     """Parse once; a chat renders the same template again at every turn."""
     return TEMPLATE_ENVIRONMENT.from_string(template)
@@ -108,7 +229,8 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
     try:
         compiled = compile_template(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return RenderBudget().render(compiled, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    **variables))
     except jinja2.TemplateError as error:  # syntax errors, raise_exception, undefined names, sandbox refusals
         where = f" at line {error.lineno}" if isinstance(error, jinja2.TemplateSyntaxError) else ""
         message = " ".join(str(error.message).split())  # jinja2's can span lines; the CLI prints one

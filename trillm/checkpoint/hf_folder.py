@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from trillm.checkpoint.fields import Fields
 from trillm.checkpoint.pages import drop_pages, file_mapping
 from trillm.errors import CheckpointError
 
@@ -19,12 +20,20 @@ def find_tensor_files(folder: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file holding it."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: folder / shard for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing")
-        return files
+        try:
+            weight_map = Fields(json.loads(index.read_text()), index).get("weight_map")
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{index}: invalid JSON ({error})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        for shard in sorted(set(weight_map.values())):
+            # A name, not a path: the index must not reach files outside the folder ("../x", "/etc/passwd").
+            # (The shard itself may be a link, as in the Hugging Face cache, where links point to blobs.)
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside the model folder")
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
+        return {name: folder / shard for name, shard in weight_map.items()}
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))

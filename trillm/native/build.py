@@ -84,13 +84,20 @@ def chosen_level() -> str | None:
 
 
 def cache_dir() -> Path:
-    if "TRILLM_CACHE" in os.environ:
+    """Where built libraries are kept: $TRILLM_CACHE/native, else $XDG_CACHE_HOME/trillm/native, else
+    ~/.cache/trillm/native (an empty variable counts as unset)."""
+    if os.environ.get("TRILLM_CACHE"):
         return Path(os.environ["TRILLM_CACHE"]) / "native"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trillm" / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trillm" / "native"
 
 
 def build(level: str) -> Path:
-    """Compile the sources for a level unless the cache already holds this exact build; return the library."""
+    """The library for a level: the cached one if it is this exact build and intact, else compiled anew.
+
+    The cache key is a hash of the sources, the flags and what the compiler reports of itself and the CPU;
+    beside each library a record of its size and sha256 is kept, and a library that does not match its
+    record (truncated, emptied, replaced) is built again, since loading a damaged one can crash the process.
+    """
     flags = [*FLAGS, *LEVELS[level][0]]
     # The predefined macros name the compiler version and every instruction set the flags enable.
     target = subprocess.run([COMPILER, *flags, "-E", "-dM", "-x", "c", "-"], input="", capture_output=True,
@@ -99,20 +106,63 @@ def build(level: str) -> Path:
     for path in sorted(SOURCE_DIR.glob("*.[ch]")):
         key.update(path.name.encode() + path.read_bytes())
     library = cache_dir() / f"trillm-{level}-{key.hexdigest()[:16]}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: another process may be building or loading it right now.
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(handle)
-        try:
-            sources = [str(path) for path in sorted(SOURCE_DIR.glob("*.c"))]
-            subprocess.run([COMPILER, *flags, *sources, "-o", partial, "-lm"], capture_output=True, text=True,
-                           check=True)
-            os.replace(partial, library)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+    record = library.with_suffix(".so.sha256")
+    if intact(library, record):
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(library.parent)
+    # Build beside the target and rename: another process may be building or loading it right now. The
+    # partial file's name holds our pid, so that one a killed build left behind can be told and removed.
+    handle, partial = tempfile.mkstemp(prefix=f"{library.name}.{os.getpid()}.", suffix=".partial", dir=library.parent)
+    os.close(handle)
+    try:
+        sources = [str(path) for path in sorted(SOURCE_DIR.glob("*.c"))]
+        subprocess.run([COMPILER, *flags, *sources, "-o", partial, "-lm"], capture_output=True, text=True,
+                       check=True)
+        data = Path(partial).read_bytes()
+        Path(partial + ".sha256").write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+        os.replace(partial + ".sha256", record)
+        os.replace(partial, library)
+    finally:
+        for leftover in (partial, partial + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return library
+
+
+def intact(library: Path, record: Path) -> bool:
+    """Whether the library exists and matches its recorded size and sha256."""
+    try:
+        size, digest = record.read_text().split()
+        if library.stat().st_size != int(size):
+            return False
+        return hashlib.sha256(library.read_bytes()).hexdigest() == digest
+    except (OSError, ValueError):
+        return False
+
+
+def remove_abandoned_builds(folder: Path):
+    """Delete the partial files of builds whose process no longer runs (killed mid-compile)."""
+    for partial in folder.glob("*.partial*"):
+        try:
+            pid = int(partial.name.split(".so.", 1)[1].split(".", 1)[0])
+        except (IndexError, ValueError):
+            continue  # not one of ours
+        if not process_running(pid):
+            try:
+                partial.unlink()
+            except OSError:
+                pass  # gone already, or not ours to remove
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, as another user's
+    return True
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -132,7 +182,7 @@ def open_library(path: Path) -> ctypes.CDLL:
         # layers.c
         "trillm_rms_norm": ([pointer, pointer, size, size, real, pointer], None),
         "trillm_squared_relu_glu": ([pointer, size, size, pointer], None),
-        "trillm_attention_one_token": ([pointer] * 5 + [size] * 7 + [real, pointer], None),
+        "trillm_attention_one_token": ([pointer] * 5 + [size] * 7 + [real, pointer], ctypes.c_int),
         # pool.c
         "trillm_set_num_threads": ([ctypes.c_int], None),
     }

@@ -10,7 +10,7 @@ torch ops, and each runs once or twice per layer per decoded token.
 import torch
 import torch.nn.functional as F
 
-from trillm.native.build import load
+from trillm.native.build import check, load
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,14 +58,17 @@ def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     lib = load()
     batch, _, all_heads, head_dim = qkv.shape
     kv_heads = (all_heads - num_heads) // 2
+    if kv_heads < 1 or num_heads % kv_heads or 2 * kv_heads + num_heads != all_heads:
+        raise ValueError(f"{num_heads} query heads and {all_heads - num_heads} key/value heads do not make "
+                         f"grouped-query attention")
     if (lib is None or qkv.dtype != torch.float32 or not qkv.is_contiguous() or keys.dtype != torch.float32
             or head_dim % 2 or position >= keys.shape[2] or keys.stride(-1) != 1 or keys.stride(-2) != head_dim
             or keys.stride() != values.stride()):
         return reference_attend_one_token(qkv, cos, sin, keys, values, position, num_heads)
     out = torch.empty(batch, 1, num_heads * head_dim)
-    lib.trillm_attention_one_token(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                                   values.data_ptr(), batch, num_heads, kv_heads, head_dim, position,
-                                   keys.stride(0), keys.stride(1), head_dim ** -0.5, out.data_ptr())
+    check(lib.trillm_attention_one_token(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                                         values.data_ptr(), batch, num_heads, kv_heads, head_dim, position,
+                                         keys.stride(0), keys.stride(1), head_dim ** -0.5, out.data_ptr()))
     return out
 
 

@@ -115,10 +115,14 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
  * qkv: (batch, heads + 2 kv_heads, head_dim), the fused projection's output. cos, sin: (head_dim) tables
  * of this position (see rotate). keys/values: the layer's cache (batch, kv_heads, positions, head_dim)
  * with the given strides. out: (batch, heads, head_dim). Query head h reads kv head h / (heads / kv_heads)
- * (grouped-query attention). */
-void trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
-                                int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t position,
-                                int64_t kv_batch_stride, int64_t kv_head_stride, float scale, float *out) {
+ * (grouped-query attention). Returns OK, or ERROR_SHAPE (touching nothing) for head counts that do not
+ * group or an odd head_dim. */
+int trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                               int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t position,
+                               int64_t kv_batch_stride, int64_t kv_head_stride, float scale, float *out) {
+    if (batch < 0 || kv_heads < 1 || heads < kv_heads || heads % kv_heads || head_dim < 2 || head_dim % 2 ||
+        position < 0)
+        return ERROR_SHAPE;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < kv_heads; h++) {
             const float *key = qkv + (b * (heads + 2 * kv_heads) + heads + h) * head_dim;
@@ -130,4 +134,5 @@ void trillm_attention_one_token(const float *qkv, const float *cos, const float 
                                   kv_batch_stride, kv_head_stride, scale};
     int64_t work = batch * heads * (position + 1) * head_dim;
     run_parallel(attention_chunk, &call, work < PARALLEL_MIN_WORK ? 1 : pool_threads(), 1);
+    return OK;
 }
