@@ -113,13 +113,16 @@ def good_gguf(tmp_path_factory):
 
 
 def rewrite_gguf(source, target, tensors: dict = {}, metadata: dict = {}):
-    """A copy of a GGUF file with some tensors (name -> (data, type)) and metadata values replaced."""
+    """A copy of a GGUF file with some tensors (name -> (data, type)) and metadata values replaced or added
+    (a value of another type than the key's is written with its own type)."""
     reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(target, "bitnet")
     for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
+        if not key.startswith("GGUF.") and key != "general.architecture" and key not in metadata:
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, metadata.get(key, field.contents()), field.types[0], sub_type)
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
     for tensor in reader.tensors:
         data, qtype = tensors.get(tensor.name, (np.asarray(tensor.data), tensor.tensor_type))
         writer.add_tensor(tensor.name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)

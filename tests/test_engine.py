@@ -1,6 +1,8 @@
 """The engine: sampling equals transformers' logits processors, generation stops where it should and runs
 each token through the network once, and stop strings are never printed."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import (
@@ -83,6 +85,8 @@ def test_seeded_draws_repeat_and_follow_the_distribution():
 class CountingNetwork:
     """Predicts token (last + 1) % 10 and records the (start, length) of every forward."""
 
+    config = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=2)
+
     def __init__(self):
         self.calls = []
 
@@ -98,19 +102,25 @@ GREEDY = Sampling(temperature=0)
 
 
 def test_generation_runs_each_token_once_and_stops_at_the_limit():
-    network = CountingNetwork()
-    tokens = list(generate_ids(network, [1, 2, 3], 4, GREEDY, stop_ids=set(), max_context=100))
-    assert tokens == [4, 5, 6, 7]
+    network, session = CountingNetwork(), Session()
+    tokens = list(generate_ids(network, [1, 2, 3], 4, GREEDY, stop_ids=set(), max_context=100, session=session))
+    assert tokens == [4, 5, 6, 7] and session.finish_reason == "length"
     assert network.calls == [(0, 3), (3, 1), (4, 1), (5, 1)]  # the last token is never run
 
 
 def test_generation_stops_at_a_stop_id_and_a_full_context():
-    network = CountingNetwork()
-    assert list(generate_ids(network, [1, 2], 10, GREEDY, stop_ids={5}, max_context=100)) == [3, 4]
-    network = CountingNetwork()
-    assert list(generate_ids(network, [1, 2], 10, GREEDY, stop_ids=set(), max_context=5)) == [3, 4, 5, 6]
-    assert network.calls[-1] == (4, 1)  # position 4 is the context's last
-    assert list(generate_ids(network, [1, 2], 0, GREEDY, stop_ids=set(), max_context=5)) == []
+    network, session = CountingNetwork(), Session()
+    assert list(generate_ids(network, [1, 2], 10, GREEDY, {5}, 100, session)) == [3, 4]
+    assert session.finish_reason == "stop"
+    network, session = CountingNetwork(), Session()
+    assert list(generate_ids(network, [1, 2], 10, GREEDY, set(), 5, session)) == [3, 4, 5, 6]
+    assert network.calls[-1] == (4, 1) and session.finish_reason == "context"  # position 4 is the context's last
+    assert list(generate_ids(network, [1, 2], 0, GREEDY, set(), 5, session)) == []
+    assert session.finish_reason == "length"
+    stopped = generate_ids(network, [1, 2], 10, GREEDY, set(), 100, session)
+    next(stopped)
+    stopped.close()  # what stream_text does at a stop string
+    assert session.finish_reason == "stop"
 
 
 def test_a_session_runs_only_what_follows_the_shared_prefix():

@@ -2,9 +2,34 @@
 a hang, a runaway allocation, a read outside the model folder or lost work. One test per way in."""
 
 import base64
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import trillm
+from trillm.checkpoint import default_model_path
+from trillm.errors import CheckpointError, TrillmError
+from trillm.native import build, ops
+from trillm.synth.bitnet import bitnet_config, write_bitnet, write_bitnet_gguf
 from trillm.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+from test_bitnet_gguf import config_of, rewrite_gguf
+from test_errors import assert_one_line_error, run_cli
+from test_llama import CONFIGS, save_random_llama
+
+
+def gguf_config() -> dict:
+    return config_of("tq2_0-gqa2")  # 4 heads, 2 KV heads, 256 wide: TQ2_0 blocks
 
 
 # ---- Memory that grows with the file, not with its square -------------------------------------------------
@@ -35,3 +60,306 @@ def test_a_long_tiktoken_token_costs_its_length(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"".join(base64.b64encode(token) + b" %d\n" % rank
                                                         for rank, token in enumerate(ranks)))
     assert peak_python_memory(lambda: load_tokenizer(tmp_path)) < 20_000_000
+
+
+# ---- Shapes the layers and kernels trust -----------------------------------------------------------------
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    save_random_llama(tmp_path, CONFIGS["mha-untied"][0])
+    return tmp_path
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 4), (4, 3)])
+def test_head_counts_that_do_not_group_are_refused(llama_folder, heads, kv_heads):
+    edit_config(llama_folder, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16)
+    with pytest.raises(CheckpointError, match=f"config.json: {heads} attention heads cannot share {kv_heads} KV heads"):
+        trillm.load(llama_folder)
+
+
+def test_gguf_head_counts_and_head_dim_are_checked(tmp_path):
+    good = write_bitnet_gguf(tmp_path / "good.gguf", gguf_config(), "tq2_0", tokenizer=False)
+    bad = rewrite_gguf(good, tmp_path / "kv.gguf", metadata={"bitnet.attention.head_count_kv": 3})
+    with pytest.raises(CheckpointError, match="kv.gguf: 4 attention heads cannot share 3 KV heads"):
+        trillm.load(bad)
+    bad = rewrite_gguf(good, tmp_path / "dim.gguf", metadata={"bitnet.attention.key_length": 63})
+    with pytest.raises(CheckpointError, match="dim.gguf: head_dim 63 is odd"):
+        trillm.load(bad)
+
+
+def test_the_attention_kernel_refuses_heads_that_do_not_group(native_level):
+    """Whatever it is given, the kernel divides by no zero and reads no head that is not there."""
+    lib = build.load()
+    qkv, table, cache, out = torch.zeros(1, 12, 16), torch.zeros(16), torch.zeros(1, 4, 8, 16), torch.zeros(64)
+    for heads, kv_heads, head_dim in [(2, 4, 16), (4, 0, 16), (4, 3, 16), (4, 2, 15)]:
+        code = lib.trillm_attention_one_token(qkv.data_ptr(), table.data_ptr(), table.data_ptr(), cache.data_ptr(),
+                                              cache.data_ptr(), 1, heads, kv_heads, head_dim, 0, 512, 128, 0.25,
+                                              out.data_ptr())
+        assert code == -3, (heads, kv_heads, head_dim)
+    with pytest.raises(ValueError, match="do not make grouped-query attention"):
+        ops.attend_one_token(torch.zeros(1, 1, 10, 16), table[None, None], table[None, None], cache, cache, 0, 4)
+
+
+# ---- config.json and GGUF metadata: every bad value is named -------------------------------------------
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(num_attention_heads="4"), "num_attention_heads must be an integer >= 1, got '4'"),
+    (dict(hidden_size=-64), "hidden_size must be an integer >= 1, got -64"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers must be an integer >= 1, got 2.5"),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be an integer >= 1, got True"),
+    (dict(vocab_size=DELETE), "vocab_size is missing"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number >= 0, got nan"),
+    (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number >= 0, got -1e-05"),
+    (dict(rope_theta=-1.0), "rope_theta must be a finite number > 0, got -1.0"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0, got inf"),
+    (dict(rope_parameters=[1, 2]), "rope_parameters must be a JSON object, got list"),
+    (dict(rope_parameters={"rope_type": "yarn"}), "rope_parameters.rope_type must be one of 'default', 'llama3', got 'yarn'"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), "rope_parameters.low_freq_factor is missing"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 16}), "high_freq_factor must be greater than"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false, got 'yes'"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be an integer >= 1, got 0"),
+    (dict(head_dim=7), "head_dim 7 is odd"),
+    (dict(hidden_act="gelu"), "hidden_act must be 'silu'"),
+])
+def test_a_bad_config_value_is_named(llama_folder, changes, named):
+    edit_config(llama_folder, **changes)
+    with pytest.raises(CheckpointError) as error:
+        trillm.load(llama_folder)
+    assert str(error.value).startswith(f"{llama_folder / 'config.json'}: ") and named in str(error.value)
+
+
+def test_a_config_that_is_not_an_object(llama_folder):
+    (llama_folder / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="config.json: the file must be a JSON object, got list"):
+        trillm.load(llama_folder)
+    assert_one_line_error(run_cli("tokenize", "-m", str(llama_folder), "x"), "must be a JSON object")
+
+
+@pytest.mark.parametrize("metadata, named", [
+    ({"bitnet.block_count": "3"}, "bitnet.block_count must be an integer >= 1, got '3'"),
+    ({"bitnet.attention.head_count": 0}, "bitnet.attention.head_count must be an integer >= 1, got 0"),
+    ({"bitnet.rope.freq_base": -5.0}, "bitnet.rope.freq_base must be a finite number > 0, got -5.0"),
+    ({"general.alignment": 24}, "general.alignment must be a power of two, got 24"),
+])
+def test_a_bad_gguf_metadata_value_is_named(tmp_path, metadata, named):
+    good = write_bitnet_gguf(tmp_path / "good.gguf", gguf_config(), "tq2_0", tokenizer=False)
+    if "general.alignment" in metadata:  # the writer would lay the file out by it: write a raw header instead
+        bad = write_raw_gguf(tmp_path / "bad.gguf", {"general.architecture": "bitnet", "general.alignment": 24}, [])
+    else:
+        bad = rewrite_gguf(good, tmp_path / "bad.gguf", metadata=metadata)
+    with pytest.raises(CheckpointError) as error:
+        trillm.load(bad)
+    assert str(error.value).startswith(f"{bad}: ") and named in str(error.value)
+
+
+def test_the_kv_cache_of_a_huge_context_is_refused_in_one_line(llama_folder):
+    edit_config(llama_folder, max_position_embeddings=10**12)
+    model = trillm.load(llama_folder)
+    with pytest.raises(TrillmError, match="needs a .* GB KV cache, more than this machine's .* lower -c/--ctx-size"):
+        next(model.generate_ids([1, 2, 3], 4))
+
+
+# ---- Values llama.cpp would reject or warn about ---------------------------------------------------------
+
+def test_norm_weights_must_be_finite_floats(llama_folder):
+    name = "model.layers.1.post_attention_layernorm.weight"
+    tensors = load_file(llama_folder / "model.safetensors")
+    tensors[name][3] = float("nan")
+    save_file(tensors, llama_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"model.safetensors: norm weight '{name}' holds NaN"):
+        trillm.load(llama_folder)
+    tensors[name] = torch.ones(64, dtype=torch.int32)
+    save_file(tensors, llama_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"norm weight '{name}' is torch.int32"):
+        trillm.load(llama_folder)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0])
+def test_a_bitnet_weight_scale_must_be_finite_and_nonzero(tmp_path, scale):
+    write_bitnet(tmp_path, bitnet_config(vocab_size=101, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                         num_attention_heads=4, num_key_value_heads=4), tokenizer=False)
+    name = "model.layers.1.mlp.up_proj.weight_scale"
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors[name] = torch.tensor([scale], dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"'{name}' is .*: a weight scale must be finite and nonzero"):
+        trillm.load(tmp_path)
+
+
+def test_layers_past_the_configs_count_are_refused(llama_folder):
+    edit_config(llama_folder, num_hidden_layers=1)  # the file holds 2
+    with pytest.raises(CheckpointError, match="holds layers up to 1, but its config says 1 layers"):
+        trillm.load(llama_folder)
+
+
+def test_an_untied_model_needs_its_output_head(llama_folder):
+    tensors = load_file(llama_folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, llama_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' is missing"):
+        trillm.load(llama_folder)
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--temperature", "inf"], "temperature must be finite and >= 0"),
+    (["--repeat-penalty", "nan"], "repetition_penalty"),
+    (["-n", "-2"], "invalid --n-predict -2: must be >= 0, or -1 for no limit"),
+    (["-c", "-5"], "invalid context size -5"),
+    (["-t", "0"], "invalid --threads 0: must be 1 to 256"),
+    (["-t", "1000"], "invalid --threads 1000"),
+    (["-t", str(2**31)], "must be 1 to 256"),
+])
+def test_options_out_of_range_are_refused(options, named):
+    assert_one_line_error(run_cli("generate", "-p", "hi", *options), named)
+
+
+def test_n_predict_minus_one_runs_until_the_context_is_full():
+    result = run_cli("generate", "--raw", "-p", "1, 2, 3,", "-n", "-1", "-c", "24", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "the context of 24 tokens is full" in result.stderr and result.stdout.strip()
+
+
+# ---- GGUF headers ----------------------------------------------------------------------------------------
+
+def write_raw_gguf(path, metadata: dict, tensors: list, data: bytes = b"") -> Path:
+    """A GGUF file written byte by byte (gguf's writer would refuse what these tests need): string and
+    uint32 metadata; tensors as (name, dims, type number, offset)."""
+    def string(text):
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, value in metadata.items():
+        out += string(key) + (struct.pack("<I", 8) + string(value) if isinstance(value, str)
+                              else struct.pack("<II", 4, value))
+    for name, dims, type_number, offset in tensors:
+        out += string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", type_number, offset)
+    out += b"\0" * (-len(out) % 32) + data
+    path.write_bytes(out)
+    return path
+
+
+@pytest.mark.parametrize("tensors, named", [
+    ([("a.weight", [32, 2], 0, 0), ("a.weight", [32, 2], 0, 256)], "tensor 'a.weight' is listed twice"),
+    ([("a.weight", [32, 2], 0, 0), ("b.weight", [32, 2], 0, 128)], "tensors 'a.weight' and 'b.weight' overlap"),
+    ([("a.weight", [32, 2], 0, 8)], "starts at offset 8, not a multiple of general.alignment 32"),
+    ([("a.weight", [32, 2], 99, 0)], "GGML type number 99, which no GGUF reader knows"),
+    ([("a.weight", [33, 2], 8, 0)], "not whole Q8_0 blocks of 32"),
+])
+def test_bad_gguf_tensor_tables_are_named(tmp_path, tensors, named):
+    path = write_raw_gguf(tmp_path / "bad.gguf", {"general.architecture": "llama"}, tensors, bytes(1024))
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        trillm.load(path)
+
+
+def test_an_edited_gguf_parameter_changes_this_process_only():
+    """The file is mapped copy-on-write: an edit works in memory (a read-only map crashed the process)."""
+    path = default_model_path()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    script = ("import trillm, torch; m = trillm.load(None); m.network.norm.weight.mul_(2); "
+              "print(m.forward(torch.tensor([[1, 2, 3]])).isfinite().all().item())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+# ---- Files outside the folder, and files replaced in place -------------------------------------------
+
+@pytest.mark.parametrize("shard", ["../outside/model.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_an_index_cannot_name_files_outside_the_folder(llama_folder, shard):
+    (llama_folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    with pytest.raises(CheckpointError, match=f"shard {re.escape(repr(shard))} is not a file name inside the model"):
+        trillm.load(llama_folder)
+
+
+def test_synth_never_overwrites_without_force(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run_cli("synth", "bitnet-tiny", str(out)), "exists and is not empty: pass --force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    gguf_path = tmp_path / "model.gguf"
+    gguf_path.write_text("mine")
+    assert_one_line_error(run_cli("synth", "bitnet-tiny", str(gguf_path), "--layout", "tq2_0"), "--force")
+    assert gguf_path.read_text() == "mine"
+    result = run_cli("synth", "bitnet-tiny", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]  # no temporary left
+
+
+def test_a_failed_synth_leaves_no_partial_output_and_the_old_in_place(tmp_path, monkeypatch):
+    from trillm.synth import bitnet, write_preset
+
+    out = tmp_path / "model"
+    write_preset("bitnet-tiny", out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def disk_full(path, tensors, metadata=None):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bitnet, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_preset("bitnet-tiny", out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---- The native library's cache ----------------------------------------------------------------------------
+
+def load_in_a_new_process(cache) -> subprocess.CompletedProcess:
+    script = "from trillm.native import build; lib = build.library('c'); print(lib.trillm_vector_floats())"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRILLM_CACHE=str(cache)))
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    first = load_in_a_new_process(tmp_path)
+    assert first.returncode == 0 and first.stdout.strip() == "1", first.stderr
+    (library,) = (tmp_path / "native").glob("trillm-c-*.so")
+    whole = library.read_bytes()
+    library.write_bytes(whole[: len(whole) // 2])  # truncated: loading it crashed every later run
+    again = load_in_a_new_process(tmp_path)
+    assert again.returncode == 0 and again.stdout.strip() == "1", again.stderr
+    assert library.read_bytes() == whole
+    record = library.with_suffix(".so.sha256")
+    for damaged in (b"", b"\x7fELF" + bytes(len(whole) - 4)):  # emptied, or another file of the same size
+        library.write_bytes(damaged)
+        assert not build.intact(library, record)
+    library.write_bytes(whole)
+    assert build.intact(library, record)
+
+
+def test_abandoned_partial_builds_are_removed(tmp_path, fresh_native, monkeypatch):
+    folder = tmp_path / "native"
+    folder.mkdir()
+    dead = folder / "trillm-c-0123456789abcdef.so.999999999.x1y2.partial"  # no process has this pid
+    alive = folder / f"trillm-c-0123456789abcdef.so.{os.getpid()}.x1y2.partial"
+    dead.write_bytes(b"half a library")
+    alive.write_bytes(b"being built")
+    monkeypatch.setenv("TRILLM_CACHE", str(tmp_path))
+    assert build.library("c") is not None
+    assert not dead.exists() and alive.exists()
+
+
+def test_empty_cache_variables_mean_unset(monkeypatch):
+    monkeypatch.setenv("TRILLM_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert build.cache_dir() == Path.home() / ".cache" / "trillm" / "native"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert build.cache_dir() == Path("/somewhere/trillm/native")

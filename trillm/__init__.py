@@ -11,6 +11,13 @@ import os
 # work. Set before torch (and our kernels) start their thread pools.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trillm.api import Model, load  # noqa: E402
-
 __all__ = ["Model", "load"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `trillm` (the command) starts without torch, so Ctrl-C there is one line.
+    if name in __all__:
+        from trillm import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'trillm' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """A loaded model: the network of its family, its tokenizer, and generation with its own stop tokens."""
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -8,19 +9,30 @@ from trillm.chat import render_chat
 from trillm.checkpoint import open_checkpoint
 from trillm.checkpoint.pages import trim_heap
 from trillm.engine import Sampling, Session, generate_ids, stream_text
-from trillm.errors import TrillmError
+from trillm.errors import CheckpointError, TrillmError
 from trillm.models import family_loader
 from trillm.weights.head import HEAD_FORMATS
+
+log = logging.getLogger("trillm")
 
 
 class Model:
     def __init__(self, network, tokenizer, source: str, generation_config: dict, ctx_size: int | None = None):
+        """`ctx_size`: the context in tokens, None or 0 for the model's own; more than the model's own is
+        cut to it, with a warning."""
         self.network = network
         self.tokenizer = tokenizer
         self.source = source
-        self.max_context = min(ctx_size or network.config.max_position_embeddings,
-                               network.config.max_position_embeddings)
+        limit = network.config.max_position_embeddings
+        if ctx_size and ctx_size > limit:
+            log.warning("trillm: warning: the context of %d tokens asked for is more than this model's %d; using %d",
+                        ctx_size, limit, limit)
+        self.max_context = min(ctx_size or limit, limit)
         eos = generation_config.get("eos_token_id")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in (eos if isinstance(eos, list) else [eos])
+                   if i is not None):
+            raise CheckpointError(f"{source}: generation_config.json's eos_token_id must be a token id or a list "
+                                  f"of them, got {eos!r}")
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None:
             self.stop_ids |= tokenizer.stop_ids
@@ -39,12 +51,24 @@ class Model:
             raise TrillmError(f"{self.source}: this model has no tokenizer files; only forward() on token ids works")
         return self.tokenizer
 
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt. One that cannot fit in the context is refused before it is tokenized whole
+        (a 10 MB text took 13 s and 1.7 GB to be found too long): a token stands for at most the vocabulary's
+        longest entry in bytes."""
+        tokenizer = self.require_tokenizer()
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size >= self.max_context and size // tokenizer.max_token_bytes >= self.max_context:
+            raise TrillmError(f"the prompt is at least {size // tokenizer.max_token_bytes} tokens ({size} bytes), "
+                              f"longer than the context of {self.max_context} tokens (shorten it, or raise "
+                              f"--ctx-size up to the model's limit)")
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
         tokenizer = self.require_tokenizer()
         text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
                            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return self.encode_prompt(text, add_special_tokens=False)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, sampling: Sampling | None = None,
                      session: Session | None = None) -> Iterator[int]:
@@ -56,7 +80,7 @@ class Model:
         """Yield the reply as text pieces. A str prompt is continued as is; a message list goes through
         the chat template."""
         tokenizer = self.require_tokenizer()
-        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else self.chat_prompt(prompt)
+        prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.chat_prompt(prompt)
         return stream_text(tokenizer, self.generate_ids(prompt_ids, max_new_tokens, sampling, session), stop)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
@@ -67,6 +91,8 @@ class Model:
 def load(source=None, ctx_size: int | None = None, head: str | None = None) -> Model:
     """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model.
 
+    `ctx_size` is the context in tokens: None or 0 for the model's own, more is cut to it (with a warning).
+
     `head` picks how the output head is kept in memory, the largest single read of a decode step when it
     is a tied embedding: "bf16" (exact), "q8_0" (GGML Q8_0, 47% fewer bytes than bf16) or "q6_k" (59% fewer,
     int8 activations; see weights/head.py); None, the family's default: as stored for LLaMA, q6_k for
@@ -74,6 +100,8 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None) -> M
     """
     if head not in (None, *HEAD_FORMATS):
         raise TrillmError(f"invalid output head format {head!r} (choose from {', '.join(HEAD_FORMATS)})")
+    if ctx_size is not None and (isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 0):
+        raise TrillmError(f"invalid context size {ctx_size!r}: a number of tokens, or 0 for the model's own")
     checkpoint = open_checkpoint(source)
     family = family_loader(checkpoint)
     # The tokenizer first, then its scratch handed back: building a 128k vocabulary passes through ~150 MB

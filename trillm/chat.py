@@ -254,6 +254,16 @@ class Conversation:
         """Forget the turns; the system prompt stays."""
         self.messages.clear()
 
+    def drop_oldest_turns(self, fits) -> int:
+        """Drop the oldest messages (a user's and the reply to it together) until fits(all_messages()) or
+        only the newest message is left; return how many were dropped. The system prompt stays."""
+        dropped = 0
+        while len(self.messages) > 1 and not fits(self.all_messages()):
+            count = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            del self.messages[:count]
+            dropped += count
+        return dropped
+
     def all_messages(self) -> list[dict]:
         """The system prompt (if any), then the turns."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

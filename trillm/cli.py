@@ -1,31 +1,35 @@
 """The `trillm` command, in llama.cpp's spirit: generate, chat, tokenize, bench, synth.
 
 Every error a user can cause is printed as one line on stderr with a non-zero exit, no traceback; an
-error of trillm's own says it is a bug (set TRILLM_DEBUG=1 to see the traceback).
+error of trillm's own says it is a bug (set TRILLM_DEBUG=1 to see the traceback). Nothing heavy is imported
+before main() runs, so that Ctrl-C during the imports is one line too.
 """
 
 import argparse
 import os
 import sys
 
-import trillm
 from trillm.errors import TrillmError
-from trillm.weights.head import HEAD_FORMATS
+
+MAX_THREADS = 256  # the kernels' pool has at most 255 workers beside the caller
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
+    from trillm.weights.head import HEAD_FORMATS
+
     parser.add_argument("-m", "--model", default=None,
                         help="model folder, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
-                        help="context length in tokens (default: the model's own)")
+                        help="context length in tokens (default, or 0: the model's own)")
     parser.add_argument("--head", default=None, choices=HEAD_FORMATS,
                         help="output head in memory: bf16 (exact), q8_0 (47%% fewer bytes a token) or q6_k "
                              "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("-n", "--n-predict", type=int, default=256, help="maximum tokens to generate")
+    parser.add_argument("-n", "--n-predict", type=int, default=256,
+                        help="maximum tokens to generate (-1: until the context is full)")
     parser.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = off")
     parser.add_argument("--top-p", type=float, default=0.95, help="1 = off")
@@ -38,21 +42,31 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
 def sampling_from(args):
     from trillm.engine import Sampling
 
+    if args.n_predict < -1:
+        raise TrillmError(f"invalid --n-predict {args.n_predict}: must be >= 0, or -1 for no limit")
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def load_model(args):
-    from trillm.native.build import set_num_threads
-
-    threads = args.threads or os.cpu_count()
-    if threads < 1:
-        raise TrillmError(f"invalid --threads {threads}: must be >= 1")
     import torch
 
+    import trillm
+    from trillm.native.build import set_num_threads
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = available if args.threads is None else args.threads
+    if not 1 <= threads <= MAX_THREADS:
+        raise TrillmError(f"invalid --threads {threads}: must be 1 to {MAX_THREADS}")
+    if threads > available:
+        note(f"trillm: warning: --threads {threads} is more than the {available} CPUs this process may use")
     torch.set_num_threads(threads)
     set_num_threads(threads)
     return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head)
+
+
+def new_tokens(args, model) -> int:
+    return model.max_context if args.n_predict == -1 else args.n_predict
 
 
 def write(text: str):
@@ -60,18 +74,58 @@ def write(text: str):
     sys.stdout.flush()
 
 
+def note(text: str):
+    """A line for the person at the terminal: on stderr, never on stdout (where the output goes)."""
+    if sys.stderr is not None:
+        print(printable(text), file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (escape sequences from a file's text) written escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def valid_text(text: str, what: str) -> str:
+    """Text from the command line or a terminal that is valid UTF-8 (Python keeps invalid bytes as
+    surrogates, which the tokenizer rejects)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TrillmError(f"{what} is not valid UTF-8 (at character {error.start})") from None
+    return text
+
+
+def read_stdin(what: str) -> str:
+    if sys.stdin is None:
+        raise TrillmError(f"standard input is closed: there is no {what} to read")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TrillmError(f"standard input is not valid UTF-8 (at byte {error.start})") from None
+
+
+def stop_strings(args) -> list[str]:
+    return [valid_text(stop, "--stop") for stop in args.stop]
+
+
 def command_generate(args):
     sampling = sampling_from(args)  # check the options before the (slow) load
+    prompt = read_stdin("prompt") if args.prompt == "-" else valid_text(args.prompt, "the prompt")
+    system = valid_text(args.system, "--system") if args.system else None
     model = load_model(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.raw:
         source = prompt
     else:
-        source = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
-    for piece in model.stream(source, args.n_predict, sampling, args.stop):
+        source = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    from trillm.engine import Session
+
+    session = Session()
+    for piece in model.stream(source, new_tokens(args, model), sampling, stop_strings(args), session):
         write(piece)
     write("\n")
+    if session.finish_reason == "context":
+        note(f"trillm: the context of {model.max_context} tokens is full: generation stopped there")
 
 
 def command_chat(args):
@@ -79,48 +133,79 @@ def command_chat(args):
     from trillm.engine import Session
 
     sampling = sampling_from(args)
+    conversation = Conversation(valid_text(args.system, "--system") if args.system else None)
+    if sys.stdin is None:
+        raise TrillmError("standard input is closed: there is no message to answer")
     model = load_model(args)
     session = Session()
-    conversation = Conversation(args.system)
-
-    def reply(text: str):
-        conversation.add_user(text)
-        pieces = []
-        for piece in model.stream(conversation.all_messages(), args.n_predict, sampling, args.stop, session):
-            pieces.append(piece)
-            write(piece)
-        write("\n")
-        conversation.add_assistant("".join(pieces))
 
     if not sys.stdin.isatty():  # one message from a pipe, one reply
-        text = sys.stdin.read().strip()
+        text = read_stdin("message").strip()
         if not text:
             raise TrillmError("no message on standard input")
-        reply(text)
+        chat_turn(model, conversation, session, text, args, sampling)
         return
     import readline  # noqa: F401  (line editing and history for input())
 
-    print(f"trillm chat with {model.source}: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    note(f"trillm chat with {model.source}: /reset clears the conversation, /exit, Ctrl-D or Ctrl-C quits; "
+         f"Ctrl-C during a reply stops it")
     while True:
         try:
             text = input("> ").strip()
         except EOFError:
-            print(file=sys.stderr)
+            note("")
             return
+        except UnicodeDecodeError as error:
+            note(f"trillm: error: that line is not valid UTF-8 (at byte {error.start})")
+            continue
         if text == "/exit":
             return
         if text == "/reset":
             conversation.reset()
-            print("(conversation cleared)", file=sys.stderr)
+            note("(conversation cleared)")
             continue
         if text:
-            reply(text)
+            try:
+                chat_turn(model, conversation, session, text, args, sampling)
+            except TrillmError as error:  # the message is not answered; the conversation goes on
+                note(f"trillm: error: {error}")
+
+
+def chat_turn(model, conversation, session, text: str, args, sampling):
+    """Answer one message. A conversation that outgrows the context loses its oldest messages (said on
+    stderr), keeping room for a reply of up to -n tokens (at most a quarter of the context); Ctrl-C stops
+    the reply and keeps what was written of it."""
+    conversation.add_user(valid_text(text, "the message"))
+    reserve = max(1, min(new_tokens(args, model), model.max_context // 4))
+    dropped = conversation.drop_oldest_turns(
+        lambda messages: len(model.chat_prompt(messages)) + reserve <= model.max_context)
+    if len(model.chat_prompt(conversation.all_messages())) + reserve > model.max_context:
+        conversation.messages.pop()
+        raise TrillmError(f"the message is too long for the context of {model.max_context} tokens with room for a "
+                          f"reply: shorten it, or raise --ctx-size")
+    if dropped:
+        note(f"(the conversation outgrew the context of {model.max_context} tokens: its oldest {dropped} messages "
+             f"were dropped)")
+    pieces = []
+    try:
+        for piece in model.stream(conversation.all_messages(), new_tokens(args, model), sampling,
+                                  stop_strings(args), session):
+            pieces.append(piece)
+            write(piece)
+        write("\n")
+    except KeyboardInterrupt:
+        write("\n")
+        note("(reply stopped)")
+    conversation.add_assistant("".join(pieces))
+    if session.finish_reason == "context":
+        note("(the reply was cut short: the context is full; the next message drops the oldest ones, or /reset)")
 
 
 def command_tokenize(args):
+    text = valid_text(args.text, "the text")
     model = load_model(args)
     tokenizer = model.require_tokenizer()
-    for token_id in tokenizer.encode(args.text, add_special_tokens=not args.no_bos):
+    for token_id in tokenizer.encode(text, add_special_tokens=not args.no_bos):
         mark = "  (special)" if tokenizer.is_special(token_id) else ""
         print(f"{token_id:>8} -> {tokenizer.piece(token_id)!r}{mark}")
 
@@ -138,13 +223,14 @@ def command_synth(args):
 
     if args.layout in GGUF_LAYOUTS and Path(args.out).suffix != ".gguf":
         raise TrillmError(f"with --layout {args.layout}, OUT is the .gguf file to write, not {args.out!r}")
-    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed, gguf_embedding=args.gguf_embedding)
+    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed, gguf_embedding=args.gguf_embedding,
+                       force=args.force)
     size = (out.stat().st_size if out.is_file() else sum(path.stat().st_size for path in out.iterdir())) / 1e6
     print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {out}: {size:.0f} MB")
     has_tokenizer = has_llama3_vocabulary() if out.is_file() else (out / "tokenizer.json").is_file()
     if not has_tokenizer:
         reason = "" if has_llama3_vocabulary() else " (install quicktok-v1 for the Llama 3 vocabulary)"
-        print(f"note: no tokenizer written{reason}; only forward() on token ids works", file=sys.stderr)
+        note(f"note: no tokenizer written{reason}; only forward() on token ids works")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,25 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     synth.add_argument("--gguf-embedding", default="f16", choices=["f16", "q8_0"],
                        help="with a GGUF layout: the embedding's type, also the output head llama.cpp reads")
+    synth.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     synth.set_defaults(run=command_synth)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("TRILLM_DEBUG"))
     try:
+        args = build_parser().parse_args(argv)
+        if sys.stdout is None:
+            raise TrillmError("standard output is closed: there is nowhere to write the output")
         args.run(args)
     except TrillmError as error:
-        print(f"trillm: error: {error}", file=sys.stderr)
+        note(f"trillm: error: {error}")
         return 1
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        note("")
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush fails no more
+        return 141
     except Exception as error:  # a bug of ours still gets one line; TRILLM_DEBUG shows the traceback
-        if os.environ.get("TRILLM_DEBUG"):
+        if debug:
             raise
-        print(f"trillm: internal error (a bug in trillm, please report it; TRILLM_DEBUG=1 shows the traceback): "
-              f"{type(error).__name__}: {error}", file=sys.stderr)
+        note(f"trillm: internal error (a bug in trillm, please report it; TRILLM_DEBUG=1 shows the traceback): "
+             f"{type(error).__name__}: {error}")
+        return 1
+    except BaseException as error:  # a Rust panic in a library (tokenizers' PanicException) is not an Exception
+        if isinstance(error, (SystemExit, GeneratorExit)) or debug:
+            raise
+        first_line = (str(error).splitlines() or [""])[0]
+        note(f"trillm: error: a library trillm uses failed on this model's files ({type(error).__name__}: "
+             f"{first_line}); they may be malformed")
         return 1
     return 0
 

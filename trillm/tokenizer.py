@@ -21,6 +21,7 @@ Streaming detokenization is the library's `DecodeStream`.
 """
 
 import base64
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -164,6 +165,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token can stand for: the longest vocabulary entry as UTF-8 (an upper
+        bound: a byte-level entry spells each byte as one character of up to 2 bytes, "▁" is 3)."""
+        return max((len(piece.encode("utf-8", "surrogatepass")) for piece in self.backend.get_vocab()), default=1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in it become their ids, as in transformers."""

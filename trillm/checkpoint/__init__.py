@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from trillm.checkpoint.fields import Fields
 from trillm.checkpoint.gguf_file import GGUFCheckpoint
 from trillm.checkpoint.hf_folder import HFCheckpoint
 from trillm.errors import CheckpointError
@@ -67,6 +68,7 @@ def open_checkpoint(source: str | os.PathLike | None) -> "HFCheckpoint | GGUFChe
         raise CheckpointError(f"{path}: not a model folder (no config.json)")
     try:
         config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path / 'config.json'}: invalid JSON ({error})") from None
+    Fields(config, path / "config.json")  # an object, or one line saying so
     return HFCheckpoint(path, config)

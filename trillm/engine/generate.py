@@ -1,6 +1,7 @@
 """Generation as plain functions: `prefill` runs a prompt in one pass, `decode_one_token` one token, and
 `generate_ids` samples and stops between them."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,6 +46,22 @@ def decode_one_token(network, session: Session, token: int) -> torch.Tensor:
     return logits
 
 
+def new_cache(network, max_context: int):
+    """The network's KV cache for one sequence of max_context positions, refused in one line when it could
+    not fit in this machine's memory at all (torch reserves it lazily, so a huge one would fail late)."""
+    c = network.config
+    needed = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * max_context
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if physical and needed > physical:
+        raise TrillmError(f"a context of {max_context} tokens needs a {needed / 2**30:.1f} GB KV cache, more than "
+                          f"this machine's {physical / 2**30:.1f} GB of memory: lower -c/--ctx-size")
+    try:
+        return network.new_cache(1, max_context)
+    except RuntimeError as error:  # torch's allocator: "can't allocate memory"
+        raise TrillmError(f"a context of {max_context} tokens needs a {needed / 2**30:.1f} GB KV cache, which "
+                          f"could not be allocated: lower -c/--ctx-size") from error
+
+
 @torch.inference_mode()
 def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stop_ids: set[int],
                  max_context: int, session: Session | None = None) -> Iterator[int]:
@@ -56,11 +73,13 @@ def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: 
             f"the prompt is {len(prompt_ids)} tokens, longer than the context of {max_context} tokens "
             "(shorten it, or raise --ctx-size up to the model's limit)"
         )
+    session = session if session is not None else Session()
+    session.finish_reason = "length"
     if max_new_tokens < 1:
         return
-    session = session if session is not None else Session()
     if session.cache is None:
-        session.cache = network.new_cache(1, max_context)
+        session.cache = new_cache(network, max_context)
+    session.finish_reason = None
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     history = torch.tensor(prompt_ids, dtype=torch.long)
 
@@ -68,9 +87,18 @@ def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: 
     for produced in range(1, max_new_tokens + 1):
         token = sample_next(logits, sampling, generator, history)
         if token in stop_ids:
+            session.finish_reason = "stop"
             return
-        yield token
-        if produced == max_new_tokens or len(session.tokens) == max_context:
-            return  # done, or the context is full
+        try:
+            yield token
+        except GeneratorExit:  # the consumer stopped here (at a stop string)
+            session.finish_reason = "stop"
+            raise
+        if produced == max_new_tokens:
+            session.finish_reason = "length"
+            return
+        if len(session.tokens) == max_context:
+            session.finish_reason = "context"
+            return
         history = torch.cat((history, torch.tensor([token])))
         logits = decode_one_token(network, session, token)

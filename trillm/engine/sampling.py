@@ -2,6 +2,7 @@
 generate() applies them (repetition penalty, temperature, top-k, top-p, min-p), then a draw; temperature
 0 is greedy. tests/test_engine.py holds these to transformers' processors."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,12 @@ class Sampling:
 
     def __post_init__(self):
         checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "must be finite and >= 0"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be finite and > 0 (1 = off)"),
         ]
         for name, ok, rule in checks:
             if not ok:

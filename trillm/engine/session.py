@@ -10,6 +10,9 @@ class Session:
 
     cache: object = None
     tokens: list[int] = field(default_factory=list)
+    # Why the last generation ended: "stop" (a stop token or string), "length" (max_new_tokens), or
+    # "context" (the context is full); None while it runs.
+    finish_reason: str | None = None
 
     def keep_common_prefix(self, prompt_ids: list[int]) -> int:
         """Forget the cached tokens after the longest prefix shared with the prompt, but for at least the

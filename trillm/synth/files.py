@@ -1,13 +1,18 @@
-"""Writing safetensors files a tensor (or a slice of one) at a time, so that a checkpoint of several GB never
-sits in memory whole (safetensors' own writer takes every tensor at once)."""
+"""Writing checkpoints: whole or not at all (`write_whole`), and safetensors files a tensor (or a slice of one)
+at a time, so that a checkpoint of several GB never sits in memory whole (safetensors' own writer takes
+every tensor at once)."""
 
 import json
 import math
+import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from trillm.errors import TrillmError
 
 # (name, dtype, shape, slices): `slices()` generates the tensor's values in row order.
 Tensor = tuple[str, torch.dtype, tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]
@@ -37,3 +42,32 @@ def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None =
                 file.write(data.tobytes())
                 written += data.size
             assert written == header[name]["data_offsets"][1] - header[name]["data_offsets"][0], name
+
+
+def write_whole(out: str | Path, write: Callable[[Path], Path], force: bool = False) -> Path:
+    """Run write(path) on a temporary name beside `out`, then move the result to `out`: a failure (a full
+    disk, Ctrl-C) leaves nothing behind, and a process still reading an old checkpoint there keeps its
+    files (they are replaced, not rewritten). An existing non-empty `out` is refused unless `force`."""
+    out = Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise TrillmError(f"{out} exists and is not empty: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("partial", "old"))
+    try:
+        write(partial)
+        if out.exists():
+            out.rename(old)
+            try:
+                partial.rename(out)
+            except BaseException:
+                old.rename(out)  # the old one back in place
+                raise
+        else:
+            partial.rename(out)
+    finally:
+        for leftover in (partial, old):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
+    return out
