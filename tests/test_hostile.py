@@ -6,21 +6,27 @@ import hashlib
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import trillm
+from trillm import chat
+from trillm.chat import ChatTemplateError, render_chat
 from trillm.checkpoint import default_model_path
 from trillm.errors import CheckpointError, TrillmError
 from trillm.native import build, ops
 from trillm.synth.bitnet import bitnet_config, write_bitnet, write_bitnet_gguf
+from trillm.synth.vocabulary import has_llama3_vocabulary
 from trillm.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 from test_bitnet_gguf import config_of, rewrite_gguf
@@ -363,3 +369,203 @@ def test_empty_cache_variables_mean_unset(monkeypatch):
     assert build.cache_dir() == Path.home() / ".cache" / "trillm" / "native"
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
     assert build.cache_dir() == Path("/somewhere/trillm/native")
+
+
+# ---- Chat templates that try to run forever or fill the memory -------------------------------------------
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 10**10 }}",
+    "{{ 10**10 * 'x' }}",
+    "{{ (range(10)|list) * 10**9 }}",
+    "{{ messages|tojson(indent=10**8) }}",
+    "{{ '{0:>3000000000}'.format(1) }}",
+    "{{ '{0:>{1}}'.format(1, 3000000000) }}",
+    "{{ '%3000000000s' % 1 }}",
+    "{{ '%*s' % (3000000000, 'x') }}",
+    "{{ 'x'|center(3000000000) }}",
+    "{{ 'x'.ljust(3000000000) }}",
+    "{{ 2 ** (10 ** 9) }}",
+])
+def test_template_bombs_are_refused_at_once(template):
+    with pytest.raises(ChatTemplateError, match="larger than a chat template may|longer than"):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+
+
+def test_a_template_that_loops_too_long_is_stopped(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 0.5)
+    looping = "{% set r = range(100000)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="ran for more than 0.5 s"):
+        render_chat(looping, [{"role": "user", "content": "hi"}])
+
+
+def test_a_template_that_grows_the_memory_is_stopped(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_RENDER_GROWTH_BYTES", 64 << 20)
+    doubling = "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="took more than 64 MB of memory"):
+        render_chat(doubling, [{"role": "user", "content": "hi"}])
+
+
+def test_a_template_that_writes_too_much_is_stopped():
+    writing = "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=f"wrote more than {chat.MAX_PROMPT_CHARS} characters"):
+        render_chat(writing, [{"role": "user", "content": "hi"}])
+
+
+# ---- Prompts, text and terminals -------------------------------------------------------------------------
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(monkeypatch):
+    model = trillm.load(None)
+    encoded = []
+    monkeypatch.setattr(type(model.tokenizer), "encode", lambda self, text, **options: encoded.append(text))
+    with pytest.raises(TrillmError, match=r"the prompt is at least \d+ tokens \(10000000 bytes\), longer than the "
+                                          r"context of 8192"):
+        "".join(model.stream("0123456789" * 1_000_000, 4))
+    assert encoded == []
+
+
+def test_invalid_utf8_is_one_line():
+    script = "import sys; from trillm.cli import main; sys.exit(main(sys.argv[1:]))"
+    for args, named in [([b"generate", b"-p", b"caf\xe9"], "the prompt is not valid UTF-8"),
+                        ([b"generate", b"-p", b"hi", b"--system", b"\xff"], "--system is not valid UTF-8"),
+                        ([b"tokenize", b"\xc3"], "the text is not valid UTF-8")]:
+        assert_one_line_error(subprocess.run([sys.executable.encode(), b"-c", script.encode(), *args],
+                                             capture_output=True, text=True, timeout=300), named)
+    result = subprocess.run([sys.executable, "-m", "trillm.cli", "chat"], input=b"caf\xe9\n", capture_output=True,
+                            timeout=300)
+    assert_one_line_error(text_result(result), "standard input is not valid UTF-8 (at byte 3)")
+
+
+def text_result(result):
+    result.stdout, result.stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+    return result
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    process = subprocess.Popen([sys.executable, "-m", "trillm.cli", "generate", "--raw", "-p", "1, 2, 3,", "-n", "200",
+                                "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(3)
+    process.stdout.close()  # `| head -c 3`
+    assert process.wait(timeout=300) == 141
+    assert process.stderr.read() == b""
+
+
+@pytest.mark.parametrize("closed, args, named", [
+    (1, ["tokenize", "hi"], "standard output is closed"),
+    (0, ["chat"], "standard input is closed"),
+])
+def test_closed_standard_streams_are_one_line(closed, args, named):
+    result = subprocess.run([sys.executable, "-m", "trillm.cli", *args], capture_output=closed != 1,
+                            stderr=subprocess.PIPE if closed == 1 else None, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(closed))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"trillm: error: {named}" + lines[0].split(named, 1)[1]
+
+
+def test_with_stderr_closed_an_error_never_reaches_stdout():
+    result = subprocess.run([sys.executable, "-m", "trillm.cli", "tokenize", "-m", "/no/such/model", "x"],
+                            stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert result.returncode == 1 and result.stdout == ""
+
+
+def test_escape_sequences_in_a_files_text_reach_the_terminal_escaped(tiny_bitnet):
+    config_path = tiny_bitnet / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{{ raise_exception('\x1b]0;pwned\x07\x1b[2J gone') }}"
+    config_path.write_text(json.dumps(config))
+    result = run_cli("generate", "-m", str(tiny_bitnet), "-p", "hi")
+    assert_one_line_error(result, "chat template error: ", "\\x1b]0;pwned\\x07\\x1b[2J gone")
+    assert "\x1b" not in result.stderr
+
+
+@pytest.fixture
+def tiny_bitnet(tmp_path):
+    if not has_llama3_vocabulary():
+        pytest.skip("quicktok (Llama 3 vocabulary) missing")
+    from trillm.synth import write_preset
+
+    return write_preset("bitnet-tiny", tmp_path / "tiny")
+
+
+def test_a_rust_panic_is_one_line(monkeypatch, capsys):
+    from trillm import cli
+
+    class PanicException(BaseException):  # what pyo3 raises for a panic in tokenizers
+        pass
+
+    def panicking(args):
+        raise PanicException("regex compilation failed\nstack backtrace: ...")
+
+    monkeypatch.setattr(cli, "command_tokenize", panicking)
+    monkeypatch.delenv("TRILLM_DEBUG", raising=False)
+    assert cli.main(["tokenize", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PanicException: regex compilation failed" in err and "malformed" in err
+
+
+def test_ctrl_c_while_starting_is_one_line():
+    process = subprocess.Popen([sys.executable, "-m", "trillm.cli", "tokenize", "x"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # past Python's own start, within trillm's imports or the model's load
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and len(err.strip().splitlines()) <= 1 and "Traceback" not in err
+
+
+# ---- A chat keeps its conversation ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_64():
+    return trillm.load(None, ctx_size=128)
+
+
+def chat_args(**options):
+    return SimpleNamespace(**{"n_predict": 24, "stop": [], **options})
+
+
+def test_a_chat_that_outgrows_its_context_drops_its_oldest_turns(smollm2_64, capsys):
+    from trillm.chat import Conversation
+    from trillm.cli import chat_turn
+    from trillm.engine import Sampling, Session
+
+    model, conversation, session = smollm2_64, Conversation("Be brief."), Session()
+    for question in ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Peru?",
+                     "And of Chile?"]:
+        chat_turn(model, conversation, session, question, chat_args(), Sampling(temperature=0))
+        assert len(model.chat_prompt(conversation.all_messages())) <= model.max_context
+    assert conversation.messages[0]["content"] != "What is the capital of France?"  # dropped
+    assert "oldest 2 messages were dropped" in capsys.readouterr().err
+    with pytest.raises(TrillmError, match="the message is too long for the context of 128 tokens"):
+        chat_turn(model, conversation, session, "word " * 200, chat_args(), Sampling(temperature=0))
+    assert conversation.messages[-1]["role"] == "assistant"  # the long message is not kept; the rest is
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_chat(smollm2_64, monkeypatch, capsys):
+    from trillm.chat import Conversation
+    from trillm.cli import chat_turn
+    from trillm.engine import Sampling, Session
+
+    model, conversation = smollm2_64, Conversation()
+    real_stream = type(model).stream
+
+    def interrupted(self, *args, **options):
+        for index, piece in enumerate(real_stream(self, *args, **options)):
+            if index == 3:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(type(model), "stream", interrupted)
+    chat_turn(model, conversation, Session(), "Count to ten.", chat_args(n_predict=50), Sampling(temperature=0))
+    assert "(reply stopped)" in capsys.readouterr().err
+    assert conversation.messages[-1]["role"] == "assistant" and conversation.messages[-1]["content"]
+
+
+def test_a_reply_cut_short_by_the_context_says_so(smollm2_64, capsys):
+    from trillm.chat import Conversation
+    from trillm.cli import chat_turn
+    from trillm.engine import Sampling, Session
+
+    conversation = Conversation()
+    chat_turn(smollm2_64, conversation, Session(), "Write a long story about a dragon.", chat_args(n_predict=-1),
+              Sampling(temperature=0))
+    assert "the reply was cut short: the context is full" in capsys.readouterr().err

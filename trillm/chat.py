@@ -264,7 +264,7 @@ class Conversation:
             dropped += count
         return dropped
 
-    def all_messages(self) -> list[dict]:
-        """The system prompt (if any), then the turns."""
+    def all_messages(self, since: int = 0) -> list[dict]:
+        """The system prompt (if any), then the turns (from turn `since` on)."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + self.messages
+        return system + self.messages[since:]

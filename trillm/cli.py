@@ -177,12 +177,18 @@ def chat_turn(model, conversation, session, text: str, args, sampling):
     the reply and keeps what was written of it."""
     conversation.add_user(valid_text(text, "the message"))
     reserve = max(1, min(new_tokens(args, model), model.max_context // 4))
-    dropped = conversation.drop_oldest_turns(
-        lambda messages: len(model.chat_prompt(messages)) + reserve <= model.max_context)
-    if len(model.chat_prompt(conversation.all_messages())) + reserve > model.max_context:
+
+    def fits(messages: list[dict]) -> bool:
+        return len(model.chat_prompt(messages)) + reserve <= model.max_context
+
+    try:
+        if not fits(conversation.all_messages(since=len(conversation.messages) - 1)):
+            raise TrillmError(f"the message is too long for the context of {model.max_context} tokens with room "
+                              f"for a reply: shorten it, or raise --ctx-size")
+        dropped = conversation.drop_oldest_turns(fits)
+    except TrillmError:  # a message that cannot be answered does not stay in the conversation
         conversation.messages.pop()
-        raise TrillmError(f"the message is too long for the context of {model.max_context} tokens with room for a "
-                          f"reply: shorten it, or raise --ctx-size")
+        raise
     if dropped:
         note(f"(the conversation outgrew the context of {model.max_context} tokens: its oldest {dropped} messages "
              f"were dropped)")
