@@ -85,7 +85,7 @@ def test_seeded_draws_repeat_and_follow_the_distribution():
 class CountingNetwork:
     """Predicts token (last + 1) % 10 and records the (start, length) of every forward."""
 
-    config = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=2)
+    config = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=2, vocab_size=10)
 
     def __init__(self):
         self.calls = []

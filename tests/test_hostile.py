@@ -4,6 +4,7 @@ a hang, a runaway allocation, a read outside the model folder or lost work. One 
 import base64
 import hashlib
 import json
+import mmap
 import os
 import re
 import signal
@@ -173,6 +174,27 @@ def test_a_bad_gguf_metadata_value_is_named(tmp_path, metadata, named):
     assert str(error.value).startswith(f"{bad}: ") and named in str(error.value)
 
 
+def test_token_ids_past_the_models_vocabulary_are_refused(llama_folder):
+    model = trillm.load(llama_folder)  # vocab_size 101
+    with pytest.raises(TrillmError, match="token id 101 is outside the model's vocabulary of 101 tokens"):
+        next(model.generate_ids([1, 101, 3], 4))
+
+
+def test_bad_tokenizer_files_are_named(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text('["not", "an", "object"]')
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: the file must be a JSON object, got list"):
+        load_tokenizer(tmp_path)
+    tokens = ["a", "b", "ab"]
+    for metadata, named in [({"tokenizer.ggml.bos_token_id": "a"}, "tokenizer.ggml.bos_token_id must be an integer"),
+                            ({"tokenizer.ggml.token_type": [1]}, "token_type must be an array of 3 token types"),
+                            ({"tokenizer.ggml.merges": ["a b c"]}, "merges must be an array of 'left right' strings"),
+                            ({"tokenizer.ggml.tokens": "abc"}, "tokenizer.ggml.tokens must be an array of strings")]:
+        with pytest.raises(CheckpointError, match=named):
+            tokenizer_from_gguf({"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+                                 "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"], **metadata},
+                                "model.gguf")
+
+
 def test_the_kv_cache_of_a_huge_context_is_refused_in_one_line(llama_folder):
     edit_config(llama_folder, max_position_embeddings=10**12)
     model = trillm.load(llama_folder)
@@ -307,6 +329,19 @@ def test_synth_never_overwrites_without_force(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]  # no temporary left
+
+
+def test_synth_force_leaves_a_reader_of_the_old_files_its_files(tmp_path):
+    """The new checkpoint is renamed into place: a process that has the old file mapped keeps reading the
+    old bytes (rewriting the file in place changed them under it, or ended it with SIGBUS)."""
+    from trillm.synth import write_preset
+
+    out = write_preset("bitnet-tiny", tmp_path / "model", seed=0)
+    old_bytes = (out / "model.safetensors").read_bytes()
+    with open(out / "model.safetensors", "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        write_preset("bitnet-tiny", out, seed=1, force=True)
+        assert mapped[:] == old_bytes
+    assert (out / "model.safetensors").read_bytes() != old_bytes
 
 
 def test_a_failed_synth_leaves_no_partial_output_and_the_old_in_place(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
 
+from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
 
 # Token types, numbered alike in SentencePiece protos and GGUF `tokenizer.ggml.token_type`.
@@ -230,7 +231,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
 
     def named_token(name: str, default: str | None = None) -> str | None:
         value = config.get(name, special_tokens_map.get(name, default))
-        return value["content"] if isinstance(value, dict) else value
+        token = value.get("content") if isinstance(value, dict) else value
+        if token is not None and not isinstance(token, str):
+            raise CheckpointError(f"{folder / 'tokenizer_config.json'}: {name} must be a token (a string), got "
+                                  f"{token!r}")
+        return token
 
     if (folder / "tokenizer.json").is_file():
         backend = _read_tokenizer_json(folder / "tokenizer.json")
@@ -254,6 +259,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         return None
 
     eos_ids = generation_config.get("eos_token_id", [])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in (eos_ids if isinstance(eos_ids, list)
+                                                                       else [eos_ids])):
+        raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id must be a token id or a list of "
+                              f"them, got {eos_ids!r}")
     return Tokenizer(
         backend,
         bos_token=named_token("bos_token", default_bos),
@@ -270,9 +279,10 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    return Fields(values, path).values  # an object, or one line saying what it is
 
 
 def _read_tokenizer_json(path: Path) -> BackendTokenizer:
@@ -290,7 +300,11 @@ def _chat_template(folder: Path, config: dict) -> str | None:
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):
-        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                              f"named templates")
     return template
 
 
@@ -376,46 +390,60 @@ def _sentencepiece_model_backend(path: Path, config: dict) -> tuple[BackendToken
 # GGUF
 
 
-def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
-    """The tokenizer a GGUF file's metadata describes (values as `GGUFReader` fields' `contents()`)."""
-    kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
+def tokenizer_from_gguf(metadata: dict, source="GGUF file") -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes (values as `GGUFReader` fields' `contents()`, numeric
+    arrays as numpy arrays); every value checked, an error naming the key."""
+    fields = Fields(metadata, source)
+    if "tokenizer.ggml.model" not in fields or "tokenizer.ggml.tokens" not in fields:
+        raise CheckpointError(f"{source}: GGUF metadata holds no vocabulary (tokenizer.ggml.model / "
+                              f"tokenizer.ggml.tokens)")
+    kind = fields.text("tokenizer.ggml.model")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
+        raise fields.fail("tokenizer.ggml.tokens", "an array of strings", type(tokens).__name__)
     architecture = metadata.get("general.architecture")
-    if kind is None or tokens is None:
-        raise CheckpointError("GGUF metadata holds no vocabulary (tokenizer.ggml.model / tokenizer.ggml.tokens)")
-    types = metadata.get("tokenizer.ggml.token_type")
+    types = fields.get("tokenizer.ggml.token_type", None)
     types = [NORMAL] * len(tokens) if types is None else types
-    merges = metadata.get("tokenizer.ggml.merges")
-    merges = [tuple(merge.split(" ")) for merge in merges] if merges is not None else None
+    if len(types) != len(tokens):
+        raise fields.fail("tokenizer.ggml.token_type", f"an array of {len(tokens)} token types", f"{len(types)} of them")
+    merges = fields.get("tokenizer.ggml.merges", None)
+    if merges is not None:
+        if not isinstance(merges, list) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
+            raise fields.fail("tokenizer.ggml.merges", "an array of 'left right' strings", type(merges).__name__)
+        merges = [tuple(merge.split(" ")) for merge in merges]
 
     if kind == "gpt2":
         backend = _gguf_byte_level_backend(tokens, types, merges or [], metadata.get("tokenizer.ggml.pre"))
     elif kind == "llama" and architecture not in GGUF_SENTENCEPIECE_VARIANTS:
         if merges is None:  # llama.cpp's converter stores scores, not merges, for SentencePiece vocabularies
-            if "tokenizer.ggml.scores" not in metadata:
-                raise CheckpointError("GGUF SentencePiece vocabulary has neither merges nor scores")
+            if "tokenizer.ggml.scores" not in metadata or len(metadata["tokenizer.ggml.scores"]) != len(tokens):
+                raise CheckpointError(f"{source}: a GGUF SentencePiece vocabulary needs merges or one score per "
+                                      f"token")
             vocab = {token: index for index, token in enumerate(tokens)}
             merges = _sentencepiece_merges(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
         backend = _sentencepiece_backend(tokens, types, merges, prepend_scheme="first")
     else:
         raise CheckpointError(
-            f"GGUF tokenizer {kind!r} for architecture {architecture!r} is not supported "
+            f"{source}: GGUF tokenizer {kind!r} for architecture {architecture!r} is not supported "
             "(trillm reads 'gpt2' vocabularies and Llama-style 'llama' ones)"
         )
 
-    def token_named(key: str) -> str | None:
-        token_id = metadata.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+    def token_id(key: str) -> int | None:
+        return fields.integer(f"tokenizer.ggml.{key}", None, minimum=0) if f"tokenizer.ggml.{key}" in fields else None
 
-    stop_ids = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eot_token_id", "eom_token_id")]
+    def token_named(key: str) -> str | None:
+        token_id_ = token_id(key)
+        return tokens[token_id_] if token_id_ is not None and token_id_ < len(tokens) else None
+
+    stop_ids = [token_id(key) for key in ("eot_token_id", "eom_token_id")]
     return Tokenizer(
         backend,
         bos_token=token_named("bos_token_id"),
         eos_token=token_named("eos_token_id"),
         # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise; transformers follows.
-        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-        add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=metadata.get("tokenizer.chat_template"),
+        add_bos=fields.flag("tokenizer.ggml.add_bos_token", kind == "llama"),
+        add_eos=fields.flag("tokenizer.ggml.add_eos_token", False),
+        chat_template=fields.text("tokenizer.chat_template", None) if "tokenizer.chat_template" in fields else None,
         other_special_tokens=(token_named("unknown_token_id"), token_named("padding_token_id")),
         other_stop_ids=[i for i in stop_ids if i is not None],
     )

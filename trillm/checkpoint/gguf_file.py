@@ -177,4 +177,4 @@ class GGUFCheckpoint:
 
         if "tokenizer.ggml.tokens" not in self.metadata:
             return None
-        return tokenizer_from_gguf(self.metadata)
+        return tokenizer_from_gguf(self.metadata, self.path)

@@ -68,6 +68,11 @@ def generate_ids(network, prompt_ids: list[int], max_new_tokens: int, sampling: 
     """Yield generated token ids; stops at a stop id (not yielded), max_new_tokens or a full context."""
     if not prompt_ids:
         raise TrillmError("the prompt is empty")
+    vocab_size = network.config.vocab_size
+    outside = [i for i in prompt_ids if not 0 <= i < vocab_size]
+    if outside:
+        raise TrillmError(f"token id {outside[0]} is outside the model's vocabulary of {vocab_size} tokens (its "
+                          f"tokenizer and its embedding disagree)")
     if len(prompt_ids) >= max_context:
         raise TrillmError(
             f"the prompt is {len(prompt_ids)} tokens, longer than the context of {max_context} tokens "
