@@ -2,14 +2,16 @@
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from trillm.chat import render_chat
 from trillm.checkpoint import open_checkpoint
+from trillm.checkpoint.fields import Fields
 from trillm.checkpoint.pages import trim_heap
 from trillm.engine import Sampling, Session, generate_ids, stream_text
-from trillm.errors import CheckpointError, TrillmError
+from trillm.errors import TrillmError
 from trillm.models import family_loader
 from trillm.weights.head import HEAD_FORMATS
 
@@ -28,12 +30,7 @@ class Model:
             log.warning("trillm: warning: the context of %d tokens asked for is more than this model's %d; using %d",
                         ctx_size, limit, limit)
         self.max_context = min(ctx_size or limit, limit)
-        eos = generation_config.get("eos_token_id")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in (eos if isinstance(eos, list) else [eos])
-                   if i is not None):
-            raise CheckpointError(f"{source}: generation_config.json's eos_token_id must be a token id or a list "
-                                  f"of them, got {eos!r}")
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_ids = set(Fields(generation_config, Path(source) / "generation_config.json").token_ids("eos_token_id"))
         if tokenizer is not None:
             self.stop_ids |= tokenizer.stop_ids
 

@@ -258,11 +258,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
     else:
         return None
 
-    eos_ids = generation_config.get("eos_token_id", [])
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in (eos_ids if isinstance(eos_ids, list)
-                                                                       else [eos_ids])):
-        raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id must be a token id or a list of "
-                              f"them, got {eos_ids!r}")
+    eos_ids = Fields(generation_config, folder / "generation_config.json").token_ids("eos_token_id")
     return Tokenizer(
         backend,
         bos_token=named_token("bos_token", default_bos),
@@ -271,7 +267,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         add_eos=add_eos,
         chat_template=_chat_template(folder, config),
         other_special_tokens=(named_token("unk_token"), named_token("pad_token")),
-        other_stop_ids=eos_ids if isinstance(eos_ids, list) else [eos_ids],
+        other_stop_ids=eos_ids,
     )
 
 

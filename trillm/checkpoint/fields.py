@@ -68,3 +68,11 @@ class Fields:
     def table(self, key: str) -> "Fields":
         """A nested object (quantization_config, rope_parameters), empty when absent."""
         return Fields(self.get(key, {}), self.source, f"{self.prefix}{key}.")
+
+    def token_ids(self, key: str) -> list[int]:
+        """A token id or a list of them (generation_config.json's eos_token_id) as a list; [] when absent."""
+        value = self.get(key, [])
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) and i >= 0 for i in ids):
+            raise self.fail(key, "a token id or a list of them", value)
+        return [int(i) for i in ids]
