@@ -6,6 +6,7 @@ formats or kernels.
     make_linear(weight)         forward(x float32 [..., in]) -> float32 [..., out]
     make_linear([q, k, v])      the same over the weights' rows stacked: one matmul where they can share one
     make_embedding(weight)      forward(ids int64 [...]) -> float32 [..., dim]
+    make_experts(bank, bias, k) forward(x float32 [n, in], expert) -> float32 [n, out], a mixture's experts
     weight_bytes_per_token(m)   the bytes of stored weights a decode step of model m reads
 """
 
@@ -22,10 +23,11 @@ from trillm.weights.ggml import (
     ReferenceGGMLLinear,
     concat_ggml_rows,
 )
+from trillm.weights.mxfp4 import MXFP4Experts, MXFP4Tensor, ReferenceMXFP4Experts
 from trillm.weights.ternary import ReferenceTernaryLinear, TernaryLinear, TernaryTensor, concat_ternary_rows
 
-__all__ = ["GGMLTensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding", "make_linear",
-           "weight_bytes_per_token"]
+__all__ = ["GGMLTensor", "MXFP4Tensor", "TernaryTensor", "can_concat_rows", "concat_rows", "make_embedding",
+           "make_experts", "make_linear", "weight_bytes_per_token"]
 
 Weight = torch.Tensor | GGMLTensor | TernaryTensor
 
@@ -59,6 +61,14 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     if isinstance(weight, torch.Tensor):
         return DenseEmbedding(weight)
     raise TypeError(f"no embedding for a {type(weight).__name__}")
+
+
+def make_experts(weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int) -> nn.Module:
+    """The experts of a mixture-of-experts layer, a bank (experts, out_features, in_features) as stored, with
+    their biases (experts, out_features); a decode step reads `experts_per_token` of them."""
+    if isinstance(weight, MXFP4Tensor):
+        return (MXFP4Experts if load() is not None else ReferenceMXFP4Experts)(weight, bias, experts_per_token)
+    raise TypeError(f"no experts module for a {type(weight).__name__}")
 
 
 def stored_format(weight: torch.Tensor | GGMLTensor | TernaryTensor):
@@ -103,6 +113,7 @@ class StackedLinear(nn.Module):
 
 
 def weight_bytes_per_token(network: nn.Module) -> int:
-    """Bytes of stored weights a decode step reads: every linear layer's once (the embedding's one row is
-    left out)."""
-    return sum(module.stored_bytes for module in network.modules() if hasattr(module, "stored_bytes"))
+    """Bytes of stored weights a decode step reads: every linear layer's once, a mixture's routed experts
+    only (the embedding's one row is left out)."""
+    return sum(getattr(module, "bytes_per_token", module.stored_bytes) for module in network.modules()
+               if hasattr(module, "stored_bytes"))

@@ -18,14 +18,6 @@ static ALWAYS_INLINE vf q8_0_vector(const uint8_t *b, int i) {
     return vf_mul(vi_float(vi_i8(b + 2 + i * VLEN)), vf_set(fp16_at(b)));
 }
 
-/* The 4-bit codes of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high.
- * Lanes hold the code in their low 4 bits (vf_codes16 ignores the bits above). */
-static ALWAYS_INLINE vi nibbles(const uint8_t *qs, int i) {
-    int first = i * VLEN;
-    vi bytes = vi_u8(qs + first % 16);
-    return first < 16 ? bytes : vi_shr(bytes, 4);
-}
-
 /* Q5_0 / Q5_1 codes: the nibble plus a fifth bit, bit j of a little-endian uint32 for weight j. */
 static ALWAYS_INLINE vi five_bit_codes(const uint8_t *qh, const uint8_t *qs, int i) {
     vi fifth = vi_shl(vi_bits(u32_at(qh) >> (i * VLEN)), 4);

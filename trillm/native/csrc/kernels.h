@@ -156,6 +156,12 @@ static ALWAYS_INLINE vf vf_codes32(vi q, float scale, float offset) {
                      vf_set(offset));
     return _mm512_permutex2var_ps(low, q, high);
 }
+/* Lanes FP4_E2M1[q] * scale for the FP4 code q in the low 4 bits of each lane: one lookup of 16 values. */
+static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
+    return _mm512_permutexvar_ps(q, _mm512_mul_ps(_mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
+                                                                 -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f),
+                                                  vf_set(scale)));
+}
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VLEN 8
@@ -191,6 +197,13 @@ static ALWAYS_INLINE vi vi_bits(uint32_t bits) {
     vi lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)bits), lanes), _mm256_set1_epi32(1));
 }
+/* Lanes FP4_E2M1[q] * scale for the FP4 code q in the low 4 bits of each lane: the magnitude looked up by
+ * its low 3 bits (8 lanes, one permute), the sign (bit 3) moved to the float's sign bit. */
+static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
+    vf magnitude = _mm256_permutevar8x32_ps(_mm256_mul_ps(_mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f),
+                                                          vf_set(scale)), q);
+    return _mm256_xor_ps(magnitude, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(8)), 28)));
+}
 
 #else
 #define VLEN 1
@@ -220,7 +233,20 @@ static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return (vi)(bits & 1); }
+static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
+    static const float values[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    return values[q & 15] * scale;
+}
 #endif
+
+/* The 4-bit codes of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high.
+ * Lanes hold the code in their low 4 bits (vf_codes16 and vf_fp4 ignore the bits above). */
+static ALWAYS_INLINE vi nibbles(const uint8_t *qs, int i) {
+    int first = i * VLEN;
+    vi bytes = vi_u8(qs + first % 16);
+    return first < 16 ? bytes : vi_shr(bytes, 4);
+}
 
 #if VLEN < 16
 /* Lanes q * scale + offset, for the code q in the low 4 (or 5) bits of each lane. */

@@ -102,6 +102,7 @@ static ALWAYS_INLINE int32_t four_activations(const struct ternary_job *job, int
  * |q| <= 127: |x| <= max|x| and the scale is 127 / max|x| within 2 ulp, short of 127.5.) */
 static float activation_scale(float absmax) { return (1.0f / (absmax > 1e-5f ? absmax : 1e-5f)) * 127.0f; }
 
+#if !TERNARY_AVX512
 static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
     float absmax = 0.0f;
     for (int64_t c = 0; c < cols; c++)
@@ -116,6 +117,7 @@ static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float 
     *scale = s;
     *sum = total;
 }
+#endif
 
 #if TERNARY_AVX512
 static void quantize_token_avx512(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {

@@ -1,0 +1,78 @@
+"""MXFP4 experts: our decode of both stored layouts equals transformers' convert_moe_packed_tensors, and the
+native kernel equals its reference twin on every instruction-set level this machine runs."""
+
+import pytest
+import torch
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from trillm.weights import make_experts, weight_bytes_per_token
+from trillm.weights.mxfp4 import (
+    GGUF_BLOCK_BYTES,
+    MXFP4Experts,
+    MXFP4Tensor,
+    ReferenceMXFP4Experts,
+    check_mxfp4,
+    mxfp4_to_float,
+)
+
+
+def random_bank(experts: int, rows: int, cols: int, seed: int = 0, scales=(110, 135)) -> MXFP4Tensor:
+    """Random codes (every nibble value) and scales in a given range, in the Hugging Face layout."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator, dtype=torch.uint8)
+    scale = torch.randint(*scales, (experts, rows, cols // 32), generator=generator, dtype=torch.uint8)
+    return MXFP4Tensor(codes, scale, (experts, rows, cols))
+
+
+def as_gguf(bank: MXFP4Tensor) -> MXFP4Tensor:
+    """The same weights as llama.cpp's converter stores them: the scale byte then the codes with elements j
+    and j + 16 in one byte (the release has 2j and 2j + 1)."""
+    codes = bank.codes
+    low, high = codes & 15, codes >> 4  # elements 2j and 2j + 1
+    elements = torch.stack([low, high], dim=-1).flatten(-2)  # (..., 32) in element order
+    gguf_codes = elements[..., :16] | (elements[..., 16:] << 4)
+    blocks = torch.cat([bank.scales.unsqueeze(-1), gguf_codes], dim=-1)
+    experts, rows, cols = bank.shape
+    return MXFP4Tensor(blocks.reshape(experts, rows, cols // 32 * GGUF_BLOCK_BYTES).contiguous(), None, bank.shape)
+
+
+def test_decode_equals_transformers():
+    bank = random_bank(3, 10, 96, scales=(0, 255))  # every scale but 255 (NaN in the spec), 2^-127 included
+    expected = convert_moe_packed_tensors(bank.codes, bank.scales, dtype=torch.float32).transpose(1, 2)
+    assert torch.equal(mxfp4_to_float(bank), expected)
+    assert torch.equal(mxfp4_to_float(as_gguf(bank)), expected)
+    assert torch.equal(mxfp4_to_float(bank, 2), expected[2])
+
+
+def test_bad_banks_are_refused():
+    bank = random_bank(2, 4, 64)
+    check_mxfp4(bank)
+    for broken in (MXFP4Tensor(bank.codes, bank.scales, (2, 4, 96)), MXFP4Tensor(bank.codes[:, :3], bank.scales, bank.shape),
+                   MXFP4Tensor(bank.codes.to(torch.int16), bank.scales, bank.shape)):
+        with pytest.raises(ValueError, match="MXFP4"):
+            check_mxfp4(broken)
+
+
+@pytest.mark.parametrize("layout", ["hf", "gguf"])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 11])
+def test_kernel_equals_reference(native_level, layout, tokens):
+    for experts, rows, cols in [(2, 7, 32), (4, 33, 96), (3, 64, 2880)]:
+        bank = random_bank(experts, rows, cols, seed=rows)
+        bank = as_gguf(bank) if layout == "gguf" else bank
+        bias = torch.randn(experts, rows)
+        native, reference = MXFP4Experts(bank, bias, 2), ReferenceMXFP4Experts(bank, bias, 2)
+        x = torch.randn(tokens, cols)
+        for expert in range(experts):
+            expected = reference(x, expert)
+            scale = (x.abs() @ mxfp4_to_float(bank, expert).abs().T).max().item()
+            torch.testing.assert_close(native(x, expert), expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_factory_and_bytes_per_token(native_level):
+    bank = random_bank(8, 16, 64)
+    experts = make_experts(bank, None, 2)
+    assert isinstance(experts, MXFP4Experts)
+    assert experts.stored_bytes == 8 * 16 * (2 * 16 + 2) and experts.bytes_per_token == 2 * 16 * (2 * 16 + 2)
+    assert weight_bytes_per_token(torch.nn.ModuleList([experts])) == experts.bytes_per_token
+    with pytest.raises(ValueError, match="expert 8"):
+        experts(torch.zeros(1, 64), 8)

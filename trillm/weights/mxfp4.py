@@ -1,0 +1,124 @@
+"""MXFP4 weights (OCP Microscaling Formats v1.0) as gpt-oss stores its experts: 32 FP4 E2M1 elements share one
+E8M0 scale, value = FP4_VALUES[code] * 2^(scale - 127), 4.25 bits a weight. The experts of a layer are one
+bank, (experts, rows, cols); a token multiplies by the few its router picks.
+
+Two stored layouts (csrc/mxfp4.c computes from either as stored, memory-mapped, no copy):
+- the Hugging Face release: `*_blocks` uint8 (experts, rows, cols / 32, 16), byte j of a block holding
+  element 2j in its low nibble and 2j + 1 in its high, and `*_scales` uint8 (experts, rows, cols / 32);
+- GGUF (llama.cpp's MXFP4, ggml type 39): 17-byte blocks, the scale byte then 16 bytes whose byte j holds
+  element j in its low nibble and j + 16 in its high, rows of blocks (experts, rows, cols / 32 * 17).
+The reference decode equals transformers' integrations.mxfp4.convert_moe_packed_tensors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trillm.native.build import check, load
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK_SIZE = 32
+GGUF_BLOCK_BYTES = 17  # the scale, then 16 bytes of codes
+
+
+@dataclass
+class MXFP4Tensor:
+    """A bank of MXFP4 matrices as stored; `scales` is None in the GGUF layout (inside the blocks)."""
+
+    codes: torch.Tensor  # uint8: (experts, rows, cols / 32, 16), or GGUF blocks (experts, rows, cols / 32 * 17)
+    scales: torch.Tensor | None  # uint8 (experts, rows, cols / 32)
+    shape: tuple[int, int, int]  # (experts, rows, cols)
+
+    @property
+    def layout(self) -> str:
+        return "gguf" if self.scales is None else "hf"
+
+
+def check_mxfp4(weight: MXFP4Tensor):
+    """Raise ValueError unless codes, scales and shape agree."""
+    experts, rows, cols = weight.shape
+    if cols % BLOCK_SIZE or min(weight.shape) < 1:
+        raise ValueError(f"MXFP4 rows hold blocks of {BLOCK_SIZE}; shape {weight.shape} does not fit")
+    blocks = cols // BLOCK_SIZE
+    if weight.scales is None:
+        expected = {"codes": (experts, rows, blocks * GGUF_BLOCK_BYTES)}
+    else:
+        expected = {"codes": (experts, rows, blocks, 16), "scales": (experts, rows, blocks)}
+    for name, shape in expected.items():
+        tensor = getattr(weight, name)
+        if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+            raise ValueError(f"MXFP4 {name} of a {weight.shape} bank must be contiguous uint8 {list(shape)}, got "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+
+
+def mxfp4_to_float(weight: MXFP4Tensor, expert: int | None = None) -> torch.Tensor:
+    """The decoded weights, float32: (experts, rows, cols), or (rows, cols) of one expert."""
+    codes = weight.codes if expert is None else weight.codes[expert:expert + 1]
+    table = torch.tensor(FP4_VALUES)
+    if weight.scales is None:
+        blocks = codes.reshape(*codes.shape[:2], -1, GGUF_BLOCK_BYTES)
+        scales, qs = blocks[..., 0], blocks[..., 1:]
+        values = torch.cat([table[(qs & 15).long()], table[(qs >> 4).long()]], dim=-1)  # elements j, then j + 16
+    else:
+        scales = weight.scales if expert is None else weight.scales[expert:expert + 1]
+        values = torch.stack([table[(codes & 15).long()], table[(codes >> 4).long()]], dim=-1).flatten(-2)
+    decoded = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127).flatten(-2)
+    return decoded if expert is None else decoded[0]
+
+
+class MXFP4Experts(nn.Module):
+    """The experts of a layer: forward(x, expert) = x W_expert^T + b_expert, float32 (n, cols) -> (n, rows),
+    by the native kernel straight from the stored blocks. A decode step reads `experts_per_token` of them."""
+
+    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int):
+        super().__init__()
+        check_mxfp4(weight)
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the native kernels are unavailable; use ReferenceMXFP4Experts instead")
+        self.weight = weight
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        blocks = self.in_features // BLOCK_SIZE
+        if weight.scales is None:  # GGUF: the scale at byte 0 of each 17-byte block, its codes after it
+            row = blocks * GGUF_BLOCK_BYTES
+            base = weight.codes.data_ptr()
+            self._layout = (0, base + 1, GGUF_BLOCK_BYTES, row, base, GGUF_BLOCK_BYTES, row)
+            self._expert_steps = (self.out_features * row, self.out_features * row)
+        else:
+            self._layout = (1, weight.codes.data_ptr(), 16, blocks * 16, weight.scales.data_ptr(), 1, blocks)
+            self._expert_steps = (self.out_features * blocks * 16, self.out_features * blocks)
+        self._matmul = lib.trillm_mxfp4_matmul
+        self.stored_bytes = weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
+        self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        if x.shape[-1] != self.in_features or not 0 <= expert < self.num_experts:
+            raise ValueError(f"input of {x.shape[-1]} features for expert {expert}: this bank takes "
+                             f"{self.in_features} and has {self.num_experts} experts")
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        interleaved, codes, codes_block, codes_row, scales, scale_block, scale_row = self._layout
+        codes_step, scales_step = self._expert_steps
+        check(self._matmul(interleaved, codes + expert * codes_step, codes_block, codes_row,
+                           scales + expert * scales_step, scale_block, scale_row, self.out_features,
+                           self.in_features, x.data_ptr(), x.shape[0], y.data_ptr()))
+        return y if self.bias is None else y + self.bias[expert]
+
+
+class ReferenceMXFP4Experts(nn.Module):
+    """MXFP4Experts' reference twin: the expert decoded in PyTorch on every call, then a float32 matmul."""
+
+    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int):
+        super().__init__()
+        check_mxfp4(weight)
+        self.weight = weight
+        self.bias = None if bias is None else bias.float()
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        self.stored_bytes = weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
+        self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(x.float(), mxfp4_to_float(self.weight, expert), None if self.bias is None else self.bias[expert])
