@@ -112,11 +112,11 @@ def test_the_attention_kernel_refuses_heads_that_do_not_group(native_level):
     """Whatever it is given, the kernel divides by no zero and reads no head that is not there."""
     lib = build.load()
     qkv, table, cache, out = torch.zeros(1, 12, 16), torch.zeros(16), torch.zeros(1, 4, 8, 16), torch.zeros(64)
-    for heads, kv_heads, head_dim in [(2, 4, 16), (4, 0, 16), (4, 3, 16), (4, 2, 15)]:
+    for heads, kv_heads, head_dim, slot in [(2, 4, 16, 0), (4, 0, 16, 0), (4, 3, 16, 0), (4, 2, 15, 0), (4, 2, 16, 1)]:
         code = lib.trillm_attention_one_token(qkv.data_ptr(), table.data_ptr(), table.data_ptr(), cache.data_ptr(),
-                                              cache.data_ptr(), 1, heads, kv_heads, head_dim, 0, 512, 128, 0.25,
-                                              out.data_ptr())
-        assert code == -3, (heads, kv_heads, head_dim)
+                                              cache.data_ptr(), None, 1, heads, kv_heads, head_dim, slot, 1, 512, 128,
+                                              0.25, out.data_ptr())
+        assert code == -3, (heads, kv_heads, head_dim, slot)
     with pytest.raises(ValueError, match="do not make grouped-query attention"):
         ops.attend_one_token(torch.zeros(1, 1, 10, 16), table[None, None], table[None, None], cache, cache, 0, 4)
 
@@ -134,7 +134,8 @@ def test_the_attention_kernel_refuses_heads_that_do_not_group(native_level):
     (dict(rope_theta=-1.0), "rope_theta must be a finite number > 0, got -1.0"),
     (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0, got inf"),
     (dict(rope_parameters=[1, 2]), "rope_parameters must be a JSON object, got list"),
-    (dict(rope_parameters={"rope_type": "yarn"}), "rope_parameters.rope_type must be one of 'default', 'llama3', got 'yarn'"),
+    (dict(rope_parameters={"rope_type": "dynamic"}),
+     "rope_parameters.rope_type must be one of 'default', 'llama3', 'yarn', got 'dynamic'"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), "rope_parameters.low_freq_factor is missing"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 16}), "high_freq_factor must be greater than"),

@@ -47,6 +47,26 @@ def test_attend_one_token_equals_reference(native_level, batch, heads, kv_heads,
     torch.testing.assert_close(caches[0].values[1][:, :, :end], caches[1].values[1][:, :, :end], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("window, position", [(4, 2), (4, 3), (4, 9), (128, 300), (None, 40)])
+def test_attend_one_token_with_sinks_and_rings_equals_reference(native_level, window, position):
+    """gpt-oss: a sink logit per head, and sliding-window layers whose cache is a ring of `window` slots."""
+    batch, heads, kv_heads, head_dim = 2, 8, 2, 16
+    generator = torch.Generator().manual_seed(3)
+    slots = window or position + 5
+    caches = [KVCache(1, batch, kv_heads, head_dim, position + 5, [window]) for _ in range(2)]
+    for cache in caches:
+        filled = torch.randn(2, batch, kv_heads, slots, head_dim, generator=torch.Generator().manual_seed(4))
+        cache.keys[0][:], cache.values[0][:] = filled[0][:, :, :cache.keys[0].shape[2]], filled[1][:, :, :cache.keys[0].shape[2]]
+    qkv = torch.randn(batch, 1, heads + 2 * kv_heads, head_dim, generator=generator)
+    sinks = torch.randn(heads, generator=generator) * 2
+    cos, sin = rope_cos_sin(rope_inverse_frequencies(head_dim, 150000.0), torch.tensor([position]), 1.35)
+    out = ops.attend_one_token(qkv, cos, sin, caches[0].keys[0], caches[0].values[0], position, heads, sinks, window)
+    expected = ops.reference_attend_one_token(qkv, cos, sin, caches[1].keys[0], caches[1].values[0], position, heads,
+                                              sinks, window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0].keys[0], caches[1].keys[0], atol=1e-6, rtol=1e-6)
+
+
 def test_ops_take_inputs_the_kernels_cannot(native_level):
     """Half precision, and views the kernels cannot read, go to the twins."""
     x = torch.randn(3, 2, 40)[:, 0]  # rows 80 floats apart

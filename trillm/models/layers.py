@@ -120,12 +120,28 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rope_settings_from_hf(config: Fields, default_theta: float) -> tuple[float, dict | None]:
     """(theta, scaling) from an HF config.json: transformers 5 moves rope_theta and rope_scaling into
-    `rope_parameters`; older configs have both. Scaling is None for plain RoPE, else llama3's parameters."""
+    `rope_parameters`; older configs have both. Scaling is None for plain RoPE, else the parameters of
+    llama3's or YaRN's scaling, checked (the keys and defaults of transformers' modeling_rope_utils)."""
     rope = config.table("rope_parameters" if "rope_parameters" in config else "rope_scaling")
-    rope_type = rope.text("rope_type", rope.text("type", "default"), choices=("default", "llama3"))
+    rope_type = rope.text("rope_type", rope.text("type", "default"), choices=("default", "llama3", "yarn"))
     theta = config.number("rope_theta") if "rope_theta" in config else rope.number("rope_theta", default_theta)
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn":
+        if rope.number("partial_rotary_factor", 1.0) != 1.0:
+            raise rope.fail("partial_rotary_factor", "1 (rotating part of each head is not supported)",
+                            rope.get("partial_rotary_factor"))
+        factor = rope.number("factor")
+        if "attention_factor" in rope:
+            attention_factor = rope.number("attention_factor")
+        elif "mscale" in rope and "mscale_all_dim" in rope:
+            attention_factor = yarn_mscale(factor, rope.number("mscale")) / yarn_mscale(factor, rope.number("mscale_all_dim"))
+        else:
+            attention_factor = yarn_mscale(factor)
+        return theta, {"rope_type": "yarn", "factor": factor, "beta_fast": rope.number("beta_fast", 32.0),
+                       "beta_slow": rope.number("beta_slow", 1.0), "truncate": rope.flag("truncate", True),
+                       "original_max_position_embeddings": rope.integer("original_max_position_embeddings"),
+                       "attention_factor": attention_factor}
     low, high = rope.number("low_freq_factor"), rope.number("high_freq_factor")
     if high <= low:
         raise rope.fail("high_freq_factor", f"greater than low_freq_factor {low:g}", high)
@@ -134,12 +150,19 @@ def rope_settings_from_hf(config: Fields, default_theta: float) -> tuple[float, 
                    "original_max_position_embeddings": rope.integer("original_max_position_embeddings")}
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (Peng et al., 2023): sqrt(1/t) = 0.1 ln(s) + 1 for a context s times longer."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Rotation speed of each pair of channels, (head_dim / 2,), with llama3 scaling if asked for (`scaling`
     as rope_settings_from_hf gives it)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "yarn":
+        return yarn_inverse_frequencies(head_dim, theta, scaling)
     # Llama 3.1: slow the low frequencies by `factor`, keep the high ones, blend the band between.
     factor = scaling["factor"]
     low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -152,14 +175,37 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
     return torch.where(in_band, blended, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def yarn_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (Peng et al., 2023): the fast-rotating pairs keep their frequency, the slow ones are interpolated
+    by `factor`, with a linear ramp between (the pairs turning beta_fast to beta_slow times over the original
+    context); in transformers' order of operations."""
+    factor, original_context = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for these positions, each (T, 1, head_dim), ready for `apply_rope`.
 
     Channel i pairs with channel i + head_dim/2; the sine table carries the rotation's sign
-    (-sin for the first half, +sin for the second) so that applying it takes four ops.
+    (-sin for the first half, +sin for the second) so that applying it takes four ops. YaRN scales both
+    tables by its attention factor (so q.k grows by its square).
     """
     angles = torch.outer(positions.float(), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
     return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
 
@@ -172,25 +218,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 # ---- Attention ------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_length` positions: per layer, (batch, kv_heads,
-    max_length, head_dim) each.
+    """Keys and values of every layer, preallocated: per layer (batch, kv_heads, slots, head_dim) each, slots
+    being `max_length` positions, or for a layer with a sliding window of w positions a ring of w slots (a
+    long context costs the full cache only on the full-attention layers).
 
     torch.empty reserves address space only: memory is touched as positions fill, so a long context
     costs nothing until it is used.
     """
 
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_length: int):
-        shape = (batch, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.empty(shape) for _ in range(num_layers)]
-        self.values = [torch.empty(shape) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 windows: list[int | None] | None = None):
+        self.windows = windows or [None] * num_layers
+        slots = [max_length if window is None else min(window, max_length) for window in self.windows]
+        self.keys = [torch.empty(batch, num_kv_heads, n, head_dim) for n in slots]
+        self.values = [torch.empty(batch, num_kv_heads, n, head_dim) for n in slots]
         self.max_length = max_length
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int):
-        """Store (B, kv_heads, T, head_dim) keys/values at positions start.., return all so far."""
+        """Store (B, kv_heads, T, head_dim) keys/values at positions start.., return all so far (a layer
+        that keeps every position)."""
         end = start + keys.shape[2]
         self.keys[layer][:, :, start:end] = keys
         self.values[layer][:, :, start:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def update_window(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int):
+        """For a sliding-window layer: (keys, values, position of the first) of the window before position
+        `start` followed by these new ones, in position order; the new ones then go into the ring (position
+        p in slot p modulo its size, the oldest overwritten)."""
+        slots, window = self.keys[layer].shape[2], self.windows[layer]
+        first = max(0, start - window + 1)
+        kept = torch.arange(first, start) % slots
+        all_keys = torch.cat([self.keys[layer][:, :, kept], keys], dim=2)
+        all_values = torch.cat([self.values[layer][:, :, kept], values], dim=2)
+        last = min(keys.shape[2], slots)  # the new positions the ring keeps
+        written = torch.arange(start + keys.shape[2] - last, start + keys.shape[2]) % slots
+        self.keys[layer][:, :, written] = keys[:, :, -last:]
+        self.values[layer][:, :, written] = values[:, :, -last:]
+        return all_keys, all_values, first
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -208,24 +273,69 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
 
 
 def self_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None, layer: int,
-                   start: int, num_heads: int) -> torch.Tensor:
+                   start: int, num_heads: int, sinks: torch.Tensor | None = None,
+                   window: int | None = None) -> torch.Tensor:
     """Grouped-query self-attention (Ainslie et al., 2023) of tokens at positions start.., from their fused
     projection qkv (B, T, heads + 2 kv_heads, head_dim): RoPE on the query and key heads, keys and values
-    into the cache, causal attention over all positions so far. Returns (B, T, heads * head_dim).
+    into the cache, causal attention over the positions so far (the last `window` of them, if given), with
+    one sink logit per head if given. Returns (B, T, heads * head_dim).
 
     One new token with a cache (a decode step) is one native op, ops.attend_one_token."""
     cos, sin = rope
     batch, length, all_heads, head_dim = qkv.shape
     if length == 1 and cache is not None:
-        return ops.attend_one_token(qkv, cos, sin, cache.keys[layer], cache.values[layer], start, num_heads)
+        return ops.attend_one_token(qkv, cos, sin, cache.keys[layer], cache.values[layer], start, num_heads, sinks,
+                                    window)
     kv_heads = (all_heads - num_heads) // 2
     qk = apply_rope(qkv[:, :, : num_heads + kv_heads], cos, sin)  # q and k rotate together
     q = qk[:, :, :num_heads].transpose(1, 2)  # (B, heads, T, head_dim)
     k = qk[:, :, num_heads:].transpose(1, 2)  # (B, kv_heads, T, head_dim)
     v = qkv[:, :, num_heads + kv_heads:].transpose(1, 2)
-    if cache is not None:
-        k, v = cache.update(layer, k, v, start)
-    return causal_attention(q, k, v, start).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
+    if sinks is None and window is None:
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+        out = causal_attention(q, k, v, start)
+    else:
+        first = start
+        if cache is not None and window is not None:
+            k, v, first = cache.update_window(layer, k, v, start)
+        elif cache is not None:
+            k, v = cache.update(layer, k, v, start)
+            first = 0
+        out = attention_with_sinks(q, k, v, start, first, sinks, window)
+    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim)
+
+
+# Queries taken at a time by attention_with_sinks: its scores are (heads, queries, keys) floats.
+SCORES_PER_CHUNK = 1 << 24
+
+
+def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int, key_start: int,
+                         sinks: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """Causal attention of queries at positions query_start.. over keys at positions key_start.., each query
+    seeing the keys at most `window` positions back (if given), and with `sinks`, one more logit per head in
+    the softmax's denominator whose value is dropped (gpt-oss: a head may attend to nothing much), as
+    transformers' eager attention computes it. q (B, heads, T, D); k, v (B, kv_heads, L, D)."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    key_positions = torch.arange(key_start, key_start + keys)
+    out = torch.empty_like(q)
+    step = max(1, SCORES_PER_CHUNK // (batch * heads * keys))
+    for first in range(0, length, step):
+        query = q[:, :, first:first + step].reshape(batch, kv_heads, heads // kv_heads, -1, head_dim)
+        query_positions = torch.arange(query_start + first, query_start + first + query.shape[3])
+        visible = key_positions <= query_positions[:, None]
+        if window is not None:
+            visible &= key_positions > query_positions[:, None] - window
+        scores = torch.einsum("bkgtd,bkld->bkgtl", query, k) * head_dim ** -0.5
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().view(1, kv_heads, -1, 1, 1).expand(batch, -1, -1, scores.shape[3], 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        probabilities = scores.softmax(dim=-1)[..., :keys]
+        out[:, :, first:first + step] = torch.einsum("bkgtl,bkld->bkgtd", probabilities, v).reshape(
+            batch, heads, -1, head_dim)
+    return out
 
 
 # ---- The decoder: pre-norm residual blocks between an embedding and an output head ----------------------
@@ -252,9 +362,13 @@ class Transformer(nn.Module):
     `config` is the family's dataclass; the cache and RoPE need its num_layers, num_kv_heads and head_dim.
     """
 
-    def __init__(self, config, embedding, blocks: list[nn.Module], norm: RMSNorm, head, inv_freq: torch.Tensor):
+    def __init__(self, config, embedding, blocks: list[nn.Module], norm: RMSNorm, head, inv_freq: torch.Tensor,
+                 windows: list[int | None] | None = None):
+        """`windows`: each layer's sliding window of positions, None for one attending to all."""
         super().__init__()
         self.config = config
+        self.windows = windows
+        self.attention_factor = (config.rope_scaling or {}).get("attention_factor", 1.0)  # YaRN's
         self.embedding = embedding
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
@@ -263,12 +377,12 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length, self.windows)
 
     def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept."""
-        rope = rope_cos_sin(self.inv_freq, torch.arange(start, start + input_ids.shape[1]))
+        rope = rope_cos_sin(self.inv_freq, torch.arange(start, start + input_ids.shape[1]), self.attention_factor)
         x = self.embedding(input_ids)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, start)

@@ -185,7 +185,7 @@ def open_library(path: Path) -> ctypes.CDLL:
         # layers.c
         "trillm_rms_norm": ([pointer, pointer, size, size, real, pointer], None),
         "trillm_squared_relu_glu": ([pointer, size, size, pointer], None),
-        "trillm_attention_one_token": ([pointer] * 5 + [size] * 7 + [real, pointer], ctypes.c_int),
+        "trillm_attention_one_token": ([pointer] * 6 + [size] * 8 + [real, pointer], ctypes.c_int),
         # pool.c
         "trillm_set_num_threads": ([ctypes.c_int], None),
     }

@@ -46,14 +46,19 @@ def reference_squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, position: int, num_heads: int) -> torch.Tensor:
+                     values: torch.Tensor, position: int, num_heads: int, sinks: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """Self-attention of one new token a sequence, the decode step's case, in one call.
 
     qkv (B, 1, heads + 2 kv_heads, head_dim) is the fused projection of the token at `position`; cos and
     sin (1, 1, head_dim) are its RoPE tables (models/layers.py: rope_cos_sin, "rotate half" pairs with the
     sign in the sine table). Rotates the query and key heads, writes the key and value into one layer's
-    cache keys/values (B, kv_heads, max_length, head_dim) at `position`, and attends over positions
-    0..position, query head h reading kv head h // (heads / kv_heads). Returns (B, 1, heads * head_dim).
+    cache keys/values (B, kv_heads, slots, head_dim) and attends, query head h reading kv head
+    h // (heads / kv_heads). Without a `window` the cache holds every position, the token's goes to slot
+    `position` and it attends over slots 0..position; with one, the cache is a ring of at most `window`
+    slots (the last positions, in any order: the keys carry their rotation), the token's slot is position
+    modulo their count. `sinks` (heads,) adds one logit per head to the softmax's denominator (gpt-oss).
+    Returns (B, 1, heads * head_dim).
     """
     lib = load()
     batch, _, all_heads, head_dim = qkv.shape
@@ -61,25 +66,42 @@ def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     if kv_heads < 1 or num_heads % kv_heads or 2 * kv_heads + num_heads != all_heads:
         raise ValueError(f"{num_heads} query heads and {all_heads - num_heads} key/value heads do not make "
                          f"grouped-query attention")
+    slot, length = cache_slot(keys.shape[2], position, window)
     if (lib is None or qkv.dtype != torch.float32 or not qkv.is_contiguous() or keys.dtype != torch.float32
-            or head_dim % 2 or position >= keys.shape[2] or keys.stride(-1) != 1 or keys.stride(-2) != head_dim
-            or keys.stride() != values.stride()):
-        return reference_attend_one_token(qkv, cos, sin, keys, values, position, num_heads)
+            or head_dim % 2 or keys.stride(-1) != 1 or keys.stride(-2) != head_dim or keys.stride() != values.stride()
+            or (sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()))):
+        return reference_attend_one_token(qkv, cos, sin, keys, values, position, num_heads, sinks, window)
     out = torch.empty(batch, 1, num_heads * head_dim)
     check(lib.trillm_attention_one_token(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                                         values.data_ptr(), batch, num_heads, kv_heads, head_dim, position,
-                                         keys.stride(0), keys.stride(1), head_dim ** -0.5, out.data_ptr()))
+                                         values.data_ptr(), None if sinks is None else sinks.data_ptr(), batch,
+                                         num_heads, kv_heads, head_dim, slot, length, keys.stride(0), keys.stride(1),
+                                         head_dim ** -0.5, out.data_ptr()))
     return out
 
 
 def reference_attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                               values: torch.Tensor, position: int, num_heads: int) -> torch.Tensor:
+                               values: torch.Tensor, position: int, num_heads: int, sinks: torch.Tensor | None = None,
+                               window: int | None = None) -> torch.Tensor:
     batch, _, all_heads, head_dim = qkv.shape
     kv_heads = (all_heads - num_heads) // 2
+    slot, length = cache_slot(keys.shape[2], position, window)
     qk = qkv[:, 0, :num_heads + kv_heads]  # (B, heads + kv_heads, head_dim): q and k rotate together
     qk = qk * cos[0] + qk.roll(head_dim // 2, dims=-1) * sin[0]
-    keys[:, :, position] = qk[:, num_heads:]
-    values[:, :, position] = qkv[:, 0, num_heads + kv_heads:]
-    out = F.scaled_dot_product_attention(qk[:, :num_heads, None], keys[:, :, :position + 1],
-                                         values[:, :, :position + 1], enable_gqa=kv_heads != num_heads)
+    keys[:, :, slot] = qk[:, num_heads:]
+    values[:, :, slot] = qkv[:, 0, num_heads + kv_heads:]
+    q = qk[:, :num_heads].view(batch, kv_heads, num_heads // kv_heads, head_dim)
+    scores = torch.einsum("bkgd,bkld->bkgl", q, keys[:, :, :length]) * head_dim ** -0.5
+    if sinks is not None:  # one more logit per head, dropped after the softmax
+        scores = torch.cat([scores, sinks.float().view(1, kv_heads, -1, 1).expand(batch, -1, -1, 1)], dim=-1)
+    probabilities = scores.softmax(dim=-1)[..., :length]
+    out = torch.einsum("bkgl,bkld->bkgd", probabilities, values[:, :, :length])
     return out.reshape(batch, 1, num_heads * head_dim)
+
+
+def cache_slot(slots: int, position: int, window: int | None) -> tuple[int, int]:
+    """(the slot a token at `position` writes, the slots attended): see attend_one_token."""
+    if window is None:
+        if position >= slots:
+            raise ValueError(f"position {position} is past the cache's {slots} positions")
+        return position, position + 1
+    return position % slots, min(position + 1, slots)

@@ -79,7 +79,7 @@ static void weighted_sum(const float *p, const float *values, int64_t length, in
 }
 
 struct attention_call {
-    const float *qkv, *cos, *sin, *keys, *values;
+    const float *qkv, *cos, *sin, *keys, *values, *sinks;
     float *out;
     int64_t batch, heads, kv_heads, head_dim, length;
     int64_t kv_batch_stride, kv_head_stride; /* floats; positions are head_dim apart */
@@ -96,11 +96,15 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
         const float *keys = c->keys + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
         const float *values = c->values + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
         float *out = c->out + bh * c->head_dim;
-        float max_score = -INFINITY, total = 0.0f;
+        /* A sink (gpt-oss) is one more logit in the softmax's denominator whose value is dropped: the head
+         * may give a token less than all of its attention. */
+        float sink = c->sinks ? c->sinks[head] : -INFINITY, max_score = sink, total = 0.0f;
         for (int64_t j = 0; j < c->length; j++) {
             scores[j] = dot(q, keys + j * c->head_dim, c->head_dim) * c->scale;
             max_score = scores[j] > max_score ? scores[j] : max_score;
         }
+        if (c->sinks)
+            total = expf(sink - max_score);
         for (int64_t j = 0; j < c->length; j++)
             total += scores[j] = expf(scores[j] - max_score);
         for (int64_t j = 0; j < c->length; j++)
@@ -110,29 +114,31 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
     free(scores);
 }
 
-/* The attention of a decode step, one new token a sequence at `position`, in one call: rotate its query
- * and key heads (RoPE), store its key and value in the cache, attend over positions 0..position.
+/* The attention of a decode step, one new token a sequence, in one call: rotate its query and key heads
+ * (RoPE), store its key and value in cache slot `slot`, attend over slots 0..length-1 (a full layer: the
+ * token's position and every one before; a sliding-window layer: a ring of the last positions, in any order).
  * qkv: (batch, heads + 2 kv_heads, head_dim), the fused projection's output. cos, sin: (head_dim) tables
- * of this position (see rotate). keys/values: the layer's cache (batch, kv_heads, positions, head_dim)
- * with the given strides. out: (batch, heads, head_dim). Query head h reads kv head h / (heads / kv_heads)
- * (grouped-query attention). Returns OK, or ERROR_SHAPE (touching nothing) for head counts that do not
- * group or an odd head_dim. */
+ * of this position (see rotate). keys/values: the layer's cache (batch, kv_heads, slots, head_dim) with the
+ * given strides. sinks: one logit per head, or NULL. out: (batch, heads, head_dim). Query head h reads kv
+ * head h / (heads / kv_heads) (grouped-query attention). Returns OK, or ERROR_SHAPE (touching nothing) for
+ * head counts that do not group, an odd head_dim, or a slot past the attended ones. */
 int trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
-                               int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t position,
-                               int64_t kv_batch_stride, int64_t kv_head_stride, float scale, float *out) {
+                               const float *sinks, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                               int64_t slot, int64_t length, int64_t kv_batch_stride, int64_t kv_head_stride,
+                               float scale, float *out) {
     if (batch < 0 || kv_heads < 1 || heads < kv_heads || heads % kv_heads || head_dim < 2 || head_dim % 2 ||
-        position < 0)
+        slot < 0 || slot >= length)
         return ERROR_SHAPE;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < kv_heads; h++) {
             const float *key = qkv + (b * (heads + 2 * kv_heads) + heads + h) * head_dim;
-            int64_t at = b * kv_batch_stride + h * kv_head_stride + position * head_dim;
+            int64_t at = b * kv_batch_stride + h * kv_head_stride + slot * head_dim;
             rotate(key, cos, sin, head_dim, keys + at);
             memcpy(values + at, key + kv_heads * head_dim, head_dim * sizeof *values);
         }
-    struct attention_call call = {qkv, cos, sin, keys, values, out, batch, heads, kv_heads, head_dim, position + 1,
+    struct attention_call call = {qkv, cos, sin, keys, values, sinks, out, batch, heads, kv_heads, head_dim, length,
                                   kv_batch_stride, kv_head_stride, scale};
-    int64_t work = batch * heads * (position + 1) * head_dim;
+    int64_t work = batch * heads * length * head_dim;
     run_parallel(attention_chunk, &call, work < PARALLEL_MIN_WORK ? 1 : pool_threads(), 1);
     return OK;
 }
