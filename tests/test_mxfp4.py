@@ -68,6 +68,18 @@ def test_kernel_equals_reference(native_level, layout, tokens):
             torch.testing.assert_close(native(x, expert), expected, rtol=0, atol=1e-5 * scale)
 
 
+def test_every_other_row_of_a_bank_is_a_bank(native_level):
+    """The release interleaves gate and up rows in one bank: each half is a view, multiplied as stored."""
+    bank, x = random_bank(3, 20, 64), torch.randn(5, 64)
+    for half in (0, 1):
+        view = MXFP4Tensor(bank.codes[:, half::2], bank.scales[:, half::2], (3, 10, 64))
+        for expert in range(3):
+            expected = ReferenceMXFP4Experts(bank, None, 1)(x, expert)[:, half::2]
+            scale = (x.abs() @ mxfp4_to_float(bank, expert).abs().T).max().item()
+            torch.testing.assert_close(MXFP4Experts(view, None, 1)(x, expert), expected, rtol=0, atol=1e-5 * scale)
+            assert torch.equal(mxfp4_to_float(view, expert), mxfp4_to_float(bank, expert)[half::2])
+
+
 def test_factory_and_bytes_per_token(native_level):
     bank = random_bank(8, 16, 64)
     experts = make_experts(bank, None, 2)

@@ -9,12 +9,14 @@ from collections.abc import Callable
 
 from trillm.errors import CheckpointError
 from trillm.models.bitnet import load_bitnet, load_bitnet_gguf
+from trillm.models.gpt_oss import load_gpt_oss
 from trillm.models.llama import load_llama
 
 # Each loader: (checkpoint, head format or None) -> the network (models/layers.py: Transformer).
-HF_ARCHITECTURES = {"LlamaForCausalLM": load_llama, "BitNetForCausalLM": load_bitnet}
-HF_MODEL_TYPES = {"llama": load_llama, "bitnet": load_bitnet}
-GGUF_ARCHITECTURES = {"llama": load_llama, "bitnet": load_bitnet_gguf}
+HF_ARCHITECTURES = {"LlamaForCausalLM": load_llama, "BitNetForCausalLM": load_bitnet,
+                    "GptOssForCausalLM": load_gpt_oss}
+HF_MODEL_TYPES = {"llama": load_llama, "bitnet": load_bitnet, "gpt_oss": load_gpt_oss}
+GGUF_ARCHITECTURES = {"llama": load_llama, "bitnet": load_bitnet_gguf, "gpt-oss": load_gpt_oss}
 
 
 def family_loader(checkpoint) -> Callable:

@@ -195,7 +195,7 @@ def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_project
 
     embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
     blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,
-                         lambda tensors: bitnet_block(config, tensors), copied=tuple(LAYER_NAMES))
+                         lambda tensors, layer: bitnet_block(config, tensors), copied=tuple(LAYER_NAMES))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

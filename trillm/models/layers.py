@@ -338,6 +338,22 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quer
     return out
 
 
+# ---- Mixtures of experts ---------------------------------------------------------------------------------
+
+def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, experts_per_token: int, expert) -> torch.Tensor:
+    """Each token (n, dim) through the `experts_per_token` experts its router logits (n, experts) rank
+    highest, their outputs weighted by a softmax over those logits alone and summed (Shazeer et al., 2017;
+    gpt-oss). `expert(x, e)` runs the tokens routed to expert e, all of them at once, so that a prompt reads
+    each expert's weights once."""
+    top_logits, chosen = router_logits.topk(experts_per_token, dim=-1)
+    weights = top_logits.softmax(dim=-1)
+    out = torch.zeros_like(x)
+    for e in chosen.unique().tolist():
+        token, rank = (chosen == e).nonzero(as_tuple=True)
+        out.index_add_(0, token, expert(x[token], e) * weights[token, rank, None])
+    return out
+
+
 # ---- The decoder: pre-norm residual blocks between an embedding and an output head ----------------------
 
 class Block(nn.Module):

@@ -105,7 +105,7 @@ def load_llama(checkpoint, head: str | None = None) -> Transformer:
 
     embedding, output_head, norm = load_ends(checkpoint, config, head)
     blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
-                         lambda tensors: llama_block(config, tensors), copied=("q", "k", "v", "gate", "up"))
+                         lambda tensors, layer: llama_block(config, tensors), copied=("q", "k", "v", "gate", "up"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

@@ -41,9 +41,10 @@ DECODER_LAYER_NAMES = {
 
 
 def checkpoint_names(table: dict, kind: str, layer: int | None = None) -> dict[str, str]:
-    """Our key -> the tensor's name in a checkpoint of this kind ("safetensors" or "gguf")."""
+    """Our key -> the tensor's name in a checkpoint of this kind ("safetensors" or "gguf"); a key without a
+    name in that kind (None) is left out."""
     column = 1 if kind == "gguf" else 0
-    return {key: names[column].format(i=layer) for key, names in table.items()}
+    return {key: names[column].format(i=layer) for key, names in table.items() if names[column] is not None}
 
 
 def decoder_layer_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -114,11 +115,11 @@ def check_layer_count(checkpoint, config: DecoderConfig):
 
 
 def load_layers(checkpoint, config: DecoderConfig, table: dict, shapes: dict,
-                read: Callable[[str, str, tuple], object], make_block: Callable[[dict], nn.Module],
+                read: Callable[[str, str, tuple], object], make_block: Callable[[dict, int], nn.Module],
                 copied: tuple[str, ...]) -> list[nn.Module]:
     """The blocks, one layer at a time: `read(key, name, shape)` gives each of the layer's tensors (of
     `table`, e.g. DECODER_LAYER_NAMES, with their `shapes`; read_tensor checks one as stored),
-    `make_block(tensors)` its block.
+    `make_block(tensors, layer)` its block.
 
     Then the file pages of the tensors the block holds copies of (`copied`: fused, retiled or converted)
     are let go, and so is the allocator's scratch of building them: left in place between the kept
@@ -128,7 +129,7 @@ def load_layers(checkpoint, config: DecoderConfig, table: dict, shapes: dict,
     blocks = []
     for i in tqdm(range(config.num_layers), desc="loading", unit="layer", leave=False, disable=None):
         names = checkpoint_names(table, checkpoint.kind, i)
-        blocks.append(make_block({key: read(key, name, shapes[key]) for key, name in names.items()}))
+        blocks.append(make_block({key: read(key, name, shapes[key]) for key, name in names.items()}, i))
         for key in copied:
             checkpoint.release(names[key])
         trim_heap()

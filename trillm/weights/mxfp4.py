@@ -37,7 +37,8 @@ class MXFP4Tensor:
 
 
 def check_mxfp4(weight: MXFP4Tensor):
-    """Raise ValueError unless codes, scales and shape agree."""
+    """Raise ValueError unless codes, scales and shape agree. Rows may be any stride apart (the gate rows of
+    the release's interleaved gate/up bank are every other row); a row's blocks must be contiguous."""
     experts, rows, cols = weight.shape
     if cols % BLOCK_SIZE or min(weight.shape) < 1:
         raise ValueError(f"MXFP4 rows hold blocks of {BLOCK_SIZE}; shape {weight.shape} does not fit")
@@ -48,9 +49,10 @@ def check_mxfp4(weight: MXFP4Tensor):
         expected = {"codes": (experts, rows, blocks, 16), "scales": (experts, rows, blocks)}
     for name, shape in expected.items():
         tensor = getattr(weight, name)
-        if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape or not tensor.is_contiguous():
-            raise ValueError(f"MXFP4 {name} of a {weight.shape} bank must be contiguous uint8 {list(shape)}, got "
-                             f"{tensor.dtype} {list(tensor.shape)}")
+        row = tensor[0, 0] if len(shape) > 2 else tensor
+        if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape or not row.is_contiguous():
+            raise ValueError(f"MXFP4 {name} of a {weight.shape} bank must be uint8 {list(shape)} with contiguous "
+                             f"rows, got {tensor.dtype} {list(tensor.shape)}")
 
 
 def mxfp4_to_float(weight: MXFP4Tensor, expert: int | None = None) -> torch.Tensor:
@@ -68,6 +70,10 @@ def mxfp4_to_float(weight: MXFP4Tensor, expert: int | None = None) -> torch.Tens
     return decoded if expert is None else decoded[0]
 
 
+def stored_bytes(weight: MXFP4Tensor) -> int:
+    return weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
+
+
 class MXFP4Experts(nn.Module):
     """The experts of a layer: forward(x, expert) = x W_expert^T + b_expert, float32 (n, cols) -> (n, rows),
     by the native kernel straight from the stored blocks. A decode step reads `experts_per_token` of them."""
@@ -81,17 +87,17 @@ class MXFP4Experts(nn.Module):
         self.weight = weight
         self.bias = None if bias is None else bias.float().contiguous()
         self.num_experts, self.out_features, self.in_features = weight.shape
-        blocks = self.in_features // BLOCK_SIZE
+        codes = weight.codes
         if weight.scales is None:  # GGUF: the scale at byte 0 of each 17-byte block, its codes after it
-            row = blocks * GGUF_BLOCK_BYTES
-            base = weight.codes.data_ptr()
-            self._layout = (0, base + 1, GGUF_BLOCK_BYTES, row, base, GGUF_BLOCK_BYTES, row)
-            self._expert_steps = (self.out_features * row, self.out_features * row)
+            base = codes.data_ptr()
+            self._layout = (0, base + 1, GGUF_BLOCK_BYTES, codes.stride(1), base, GGUF_BLOCK_BYTES, codes.stride(1))
+            self._expert_steps = (codes.stride(0), codes.stride(0))
         else:
-            self._layout = (1, weight.codes.data_ptr(), 16, blocks * 16, weight.scales.data_ptr(), 1, blocks)
-            self._expert_steps = (self.out_features * blocks * 16, self.out_features * blocks)
+            scales = weight.scales
+            self._layout = (1, codes.data_ptr(), 16, codes.stride(1), scales.data_ptr(), 1, scales.stride(1))
+            self._expert_steps = (codes.stride(0), scales.stride(0))
         self._matmul = lib.trillm_mxfp4_matmul
-        self.stored_bytes = weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
+        self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -117,7 +123,7 @@ class ReferenceMXFP4Experts(nn.Module):
         self.weight = weight
         self.bias = None if bias is None else bias.float()
         self.num_experts, self.out_features, self.in_features = weight.shape
-        self.stored_bytes = weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
+        self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
