@@ -223,19 +223,17 @@ def command_bench(args):
 
 
 def command_synth(args):
-    from pathlib import Path
+    from trillm.synth import has_llama3_vocabulary, write_preset
 
-    from trillm.synth import GGUF_LAYOUTS, has_llama3_vocabulary, write_preset
-
-    if args.layout in GGUF_LAYOUTS and Path(args.out).suffix != ".gguf":
-        raise TrillmError(f"with --layout {args.layout}, OUT is the .gguf file to write, not {args.out!r}")
-    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed, gguf_embedding=args.gguf_embedding,
-                       force=args.force)
+    options = {name: value for name, value in (("gguf_embedding", args.gguf_embedding), ("dense_type", args.dense))
+               if value is not None}
+    out = write_preset(args.preset, args.out, layout=args.layout, seed=args.seed, force=args.force, **options)
     size = (out.stat().st_size if out.is_file() else sum(path.stat().st_size for path in out.iterdir())) / 1e6
-    print(f"wrote {args.preset} ({args.layout} layout, random weights, seed {args.seed}) to {out}: {size:.0f} MB")
+    print(f"wrote {args.preset} ({args.layout or 'release'} layout, random weights, seed {args.seed}) to {out}: "
+          f"{size:.0f} MB")
     has_tokenizer = has_llama3_vocabulary() if out.is_file() else (out / "tokenizer.json").is_file()
     if not has_tokenizer:
-        reason = "" if has_llama3_vocabulary() else " (install quicktok-v1 for the Llama 3 vocabulary)"
+        reason = "" if has_llama3_vocabulary() else " (install quicktok-v1 for the real vocabularies)"
         note(f"note: no tokenizer written{reason}; only forward() on token ids works")
 
 
@@ -279,15 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a random-weight checkpoint in a real release's exact layout")
     synth.add_argument("preset", choices=list(PRESETS), help="the model's shape")
-    synth.add_argument("out", metavar="OUT", help="folder to write (created if needed); the .gguf file with "
-                                                  "--layout tq2_0 or tq1_0")
-    synth.add_argument("--layout", default="packed", choices=list(LAYOUTS),
-                       help="packed: the release's uint8 ternary codes + weight_scale; bf16: the bf16 master "
-                            "weights; tq2_0, tq1_0: the packed weights as one GGUF file in llama.cpp's ternary "
-                            "types, as its converter writes them")
+    synth.add_argument("out", metavar="OUT", help="folder to write (created if needed), or the .gguf file with a "
+                                                  "GGUF layout")
+    synth.add_argument("--layout", default=None, choices=list(LAYOUTS),
+                       help="BitNet: packed (the release's uint8 ternary codes + weight_scale, the default), bf16 "
+                            "(the bf16 master weights), tq2_0, tq1_0 (one GGUF file in llama.cpp's ternary types, "
+                            "as its converter writes them); gpt-oss: release (MXFP4 experts, sharded, the default) "
+                            "or gguf (llama.cpp's gpt-oss layout)")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    synth.add_argument("--gguf-embedding", default="f16", choices=["f16", "q8_0"],
-                       help="with a GGUF layout: the embedding's type, also the output head llama.cpp reads")
+    synth.add_argument("--gguf-embedding", default=None, choices=["f16", "q8_0"],
+                       help="BitNet's GGUF layouts: the embedding's type, also the output head llama.cpp reads "
+                            "(default f16)")
+    synth.add_argument("--dense", default=None, choices=["bf16", "q8_0"],
+                       help="gpt-oss's GGUF layout: the type of its dense matrices (default bf16)")
     synth.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     synth.set_defaults(run=command_synth)
     return parser

@@ -325,19 +325,24 @@ def _tiktoken_backend(path: Path) -> BackendTokenizer:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise CheckpointError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}")
 
+    reserved = (
+        f"<|reserved_special_token_{index}|>"
+        for index in range(3, 3 + LLAMA3_SPECIAL_TOKEN_COUNT - len(LLAMA3_NAMED_SPECIAL_TOKENS))
+    )
+    return tiktoken_backend(ranks, LLAMA3_SPLIT, [*LLAMA3_NAMED_SPECIAL_TOKENS, *reserved])
+
+
+def tiktoken_backend(ranks: dict[bytes, int], split_pattern: str, special_tokens: list[str]) -> BackendTokenizer:
+    """A tiktoken encoding (its ranks and split pattern) as the byte-level BPE transformers' TikTokenConverter
+    makes of it, the special tokens numbered after the ranks, in order."""
     # latin-1 turns each byte into the character with that code, which the byte spelling then maps.
     spelling = _gpt2_byte_spelling()
     spelled = {token: token.decode("latin-1").translate(spelling) for token in ranks}
     vocab = {spelled[token]: rank for token, rank in ranks.items()}
     merges = [(spelled[left], spelled[right]) for left, right in _tiktoken_merges(ranks)]
     # tiktoken looks a whole pre-token up in the ranks before merging: BPE's ignore_merges does the same.
-    backend = _byte_level_backend(vocab, merges, LLAMA3_SPLIT, ignore_merges=True)
-    reserved = (
-        f"<|reserved_special_token_{index}|>"
-        for index in range(3, 3 + LLAMA3_SPECIAL_TOKEN_COUNT - len(LLAMA3_NAMED_SPECIAL_TOKENS))
-    )
-    specials = [*LLAMA3_NAMED_SPECIAL_TOKENS, *reserved]
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    backend = _byte_level_backend(vocab, merges, split_pattern, ignore_merges=True)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
     return backend
 
 

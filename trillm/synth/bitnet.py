@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType
 
 from trillm.models.bitnet import LAYER_NAMES, BitNetConfig
 from trillm.models.loading import MODEL_NAMES
-from trillm.synth.files import Tensor, write_safetensors, write_whole
+from trillm.synth.files import Tensor, write_safetensors
 from trillm.synth.vocabulary import (
     LLAMA3_VOCAB_SIZE,
     add_gguf_vocabulary,
@@ -122,17 +122,14 @@ def write_bitnet(folder: str | Path, config: dict, seed: int = 0, tokenizer: boo
     return folder
 
 
-def write_preset(preset: str, out: str | Path, layout: str = "packed", seed: int = 0,
-                 gguf_embedding: str = "f16", force: bool = False) -> Path:
+def write_preset(preset: str, out: Path, layout: str = "packed", seed: int = 0, gguf_embedding: str = "f16") -> Path:
     """A preset's folder, or with a GGUF layout ("tq2_0", "tq1_0") its .gguf file with the embedding (also
     the output head) in `gguf_embedding` ("f16" or "q8_0"); the same seed gives the same weights in every
-    layout but "bf16". Written whole or not at all, and over an existing non-empty `out` only with `force`
-    (see write_whole)."""
+    layout but "bf16"."""
     if layout in GGUF_LAYOUTS:
-        embedding_type = GGMLQuantizationType[gguf_embedding.upper()]
-        return write_whole(out, lambda path: write_bitnet_gguf(path, bitnet_config(preset), layout, seed,
-                                                               embedding_type=embedding_type), force)
-    return write_whole(out, lambda path: write_bitnet(path, bitnet_config(preset, layout), seed), force)
+        return write_bitnet_gguf(out, bitnet_config(preset), layout, seed,
+                                 embedding_type=GGMLQuantizationType[gguf_embedding.upper()])
+    return write_bitnet(out, bitnet_config(preset, layout), seed)
 
 
 # ---- Tensors: names, shapes and dtypes of the release; random values at a sensible scale ----------------

@@ -36,20 +36,58 @@ def write_llama3_tokenizer(folder: Path, max_length: int, chat_template: str, bo
     (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
 
 
-def llama3_tiktoken_file() -> bytes:
-    """Meta's Llama 3 tokenizer.model (`base64(token) rank` lines) from quicktok's llama3.vocab: u32 count,
-    then per entry u16 length, the token's bytes, u32 rank (little-endian)."""
+# o200k_harmony, gpt-oss's vocabulary: o200k_base's ranks, then these special tokens (the rest of the
+# 201088 ids the model's embedding holds are reserved and left out of the tokenizer, as in the release's).
+O200K_HARMONY_SPECIAL_IDS = range(199998, 200019)
+O200K_HARMONY_VOCAB_SIZE = 201088
+
+
+def write_o200k_harmony_tokenizer(folder: Path, max_length: int):
+    """tokenizer.json and tokenizer_config.json of gpt-oss (o200k_harmony), built from quicktok's copy of
+    o200k_base's ranks and its special-token names, the way trillm turns a tiktoken encoding into BPE."""
+    from trillm.tokenizer import GPT4O_SPLIT, tiktoken_backend
+
+    names = quicktok_special_tokens("o200k_harmony")
+    tiktoken_backend(quicktok_ranks("o200k"), GPT4O_SPLIT, [names[i] for i in O200K_HARMONY_SPECIAL_IDS]).save(
+        str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+              "model_max_length": max_length, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def quicktok_ranks(name: str) -> dict[bytes, int]:
+    """The ranks of a vocabulary quicktok ships (`llama3`, `o200k`): its data/NAME.vocab is u32 count, then
+    per entry u16 length, the token's bytes, u32 rank (little-endian)."""
     package = Path(importlib.util.find_spec("quicktok").submodule_search_locations[0])
-    data = (package / "data" / "llama3.vocab").read_bytes()
+    data = (package / "data" / f"{name}.vocab").read_bytes()
     (count,) = struct.unpack_from("<I", data, 0)
-    position, lines = 4, []
+    position, ranks = 4, {}
     for _ in range(count):
         (length,) = struct.unpack_from("<H", data, position)
         token = data[position + 2 : position + 2 + length]
-        (rank,) = struct.unpack_from("<I", data, position + 2 + length)
+        (ranks[token],) = struct.unpack_from("<I", data, position + 2 + length)
         position += 2 + length + 4
-        lines.append(base64.b64encode(token) + b" " + str(rank).encode())
-    return b"\n".join(lines) + b"\n"
+    return ranks
+
+
+def quicktok_special_tokens(name: str) -> dict[int, str]:
+    """id -> name of the special tokens quicktok lists for an encoding (data/NAME.special: u32 count, then
+    per entry u32 id, u16 length, UTF-8 name); the first name of an id wins."""
+    package = Path(importlib.util.find_spec("quicktok").submodule_search_locations[0])
+    data = (package / "data" / f"{name}.special").read_bytes()
+    (count,) = struct.unpack_from("<I", data, 0)
+    position, names = 4, {}
+    for _ in range(count):
+        token_id, length = struct.unpack_from("<IH", data, position)
+        names.setdefault(token_id, data[position + 6 : position + 6 + length].decode())
+        position += 6 + length
+    return names
+
+
+def llama3_tiktoken_file() -> bytes:
+    """Meta's Llama 3 tokenizer.model (`base64(token) rank` lines) from quicktok's llama3.vocab."""
+    ranks = quicktok_ranks("llama3")
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in sorted(ranks.items(), key=lambda i: i[1]))
 
 
 def add_gguf_vocabulary(writer: gguf.GGUFWriter, folder: Path, vocab_size: int):
