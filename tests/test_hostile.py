@@ -559,7 +559,8 @@ def smollm2_64():
 
 
 def chat_args(**options):
-    return SimpleNamespace(**{"n_predict": 24, "stop": [], **options})
+    return SimpleNamespace(**{"n_predict": 24, "stop": [], "reasoning_effort": "medium", "hide_reasoning": False,
+                              **options})
 
 
 def test_a_chat_that_outgrows_its_context_drops_its_oldest_turns(smollm2_64, capsys):
@@ -585,7 +586,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_chat(smollm2_64, monkeypatch, capsys
     from trillm.engine import Sampling, Session
 
     model, conversation = smollm2_64, Conversation()
-    real_stream = type(model).stream
+    real_stream = type(model).stream_messages
 
     def interrupted(self, *args, **options):
         for index, piece in enumerate(real_stream(self, *args, **options)):
@@ -593,7 +594,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_chat(smollm2_64, monkeypatch, capsys
                 raise KeyboardInterrupt
             yield piece
 
-    monkeypatch.setattr(type(model), "stream", interrupted)
+    monkeypatch.setattr(type(model), "stream_messages", interrupted)
     chat_turn(model, conversation, Session(), "Count to ten.", chat_args(n_predict=50), Sampling(temperature=0))
     assert "(reply stopped)" in capsys.readouterr().err
     assert conversation.messages[-1]["role"] == "assistant" and conversation.messages[-1]["content"]

@@ -1,5 +1,6 @@
 """A loaded model: the network of its family, its tokenizer, and generation with its own stop tokens."""
 
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +12,15 @@ from trillm.checkpoint import open_checkpoint
 from trillm.checkpoint.fields import Fields
 from trillm.checkpoint.pages import trim_heap
 from trillm.engine import Sampling, Session, generate_ids, stream_text
+from trillm.engine.stopping import cut_at_stop
 from trillm.errors import TrillmError
+from trillm.harmony import Harmony
 from trillm.models import family_loader
 from trillm.weights.head import HEAD_FORMATS
 
 log = logging.getLogger("trillm")
+
+HARMONY_STOPS = ("<|return|>", "<|call|>")
 
 
 class Model:
@@ -31,7 +36,10 @@ class Model:
                         ctx_size, limit, limit)
         self.max_context = min(ctx_size or limit, limit)
         self.stop_ids = set(Fields(generation_config, Path(source) / "generation_config.json").token_ids("eos_token_id"))
-        if tokenizer is not None:
+        if tokenizer is not None and network.config.chat_format == "harmony":
+            # harmony's reply ends at <|return|> or <|call|>; <|end|> only closes its analysis message.
+            self.stop_ids |= {i for i in map(tokenizer.backend.token_to_id, HARMONY_STOPS) if i is not None}
+        elif tokenizer is not None:
             self.stop_ids |= tokenizer.stop_ids
 
     @property
@@ -60,12 +68,41 @@ class Model:
                               f"--ctx-size up to the model's limit)")
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+    @functools.cached_property
+    def harmony(self) -> Harmony:
+        return Harmony(self.require_tokenizer(), self.source)
+
+    def chat_prompt(self, messages: list[dict], reasoning_effort: str = "medium") -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (or harmony, for gpt-oss, with
+        its reasoning effort: low, medium or high), ready for the reply."""
         tokenizer = self.require_tokenizer()
+        if self.config.chat_format == "harmony":
+            return self.harmony.render(messages, reasoning_effort)
         text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
                            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
         return self.encode_prompt(text, add_special_tokens=False)
+
+    def stream_messages(self, messages: list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
+                        session: Session | None = None, reasoning_effort: str = "medium") -> Iterator[tuple[str, str]]:
+        """Yield a chat reply as (channel, text) pieces: for gpt-oss its "analysis" (reasoning) and "final"
+        (the answer) channels as harmony parses them; for other models their whole reply as "final"."""
+        token_ids = self.generate_ids(self.chat_prompt(messages, reasoning_effort), max_new_tokens, sampling, session)
+        if self.config.chat_format != "harmony":
+            pieces = stream_text(self.require_tokenizer(), token_ids)
+            try:
+                for piece in pieces:
+                    yield "final", piece
+            finally:
+                pieces.close()
+            return
+        parser = self.harmony.parser()
+        try:
+            for token in token_ids:
+                piece = parser.push(token)
+                if piece is not None:
+                    yield piece
+        finally:
+            token_ids.close()
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, sampling: Sampling | None = None,
                      session: Session | None = None) -> Iterator[int]:
@@ -75,14 +112,27 @@ class Model:
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
                stop: list[str] = (), session: Session | None = None) -> Iterator[str]:
         """Yield the reply as text pieces. A str prompt is continued as is; a message list goes through
-        the chat template."""
+        the chat template (for gpt-oss: harmony, and only its final answer is yielded; see stream_messages)."""
         tokenizer = self.require_tokenizer()
-        prompt_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.chat_prompt(prompt)
-        return stream_text(tokenizer, self.generate_ids(prompt_ids, max_new_tokens, sampling, session), stop)
+        if isinstance(prompt, str):
+            return stream_text(tokenizer, self.generate_ids(self.encode_prompt(prompt), max_new_tokens, sampling,
+                                                            session), stop)
+        if self.config.chat_format == "harmony":
+            return cut_at_stop(final_pieces(self.stream_messages(prompt, max_new_tokens, sampling, session)), stop)
+        return stream_text(tokenizer, self.generate_ids(self.chat_prompt(prompt), max_new_tokens, sampling, session),
+                           stop)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
                  stop: list[str] = ()) -> str:
         return "".join(self.stream(prompt, max_new_tokens, sampling, stop))
+
+
+def final_pieces(messages: Iterator[tuple[str, str]]) -> Iterator[str]:
+    """The "final" channel's text of a reply's (channel, text) pieces; closing this closes the reply."""
+    try:
+        yield from (text for channel, text in messages if channel == "final")
+    finally:
+        messages.close()
 
 
 def load(source=None, ctx_size: int | None = None, head: str | None = None) -> Model:

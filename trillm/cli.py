@@ -39,6 +39,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--stop", action="append", default=[], help="stop when this text is generated (repeatable)")
 
 
+def add_chat_arguments(parser: argparse.ArgumentParser):
+    from trillm.harmony import REASONING_EFFORTS
+
+    parser.add_argument("--reasoning-effort", default="medium", choices=REASONING_EFFORTS,
+                        help="gpt-oss: how much it reasons before it answers")
+
+
 def sampling_from(args):
     from trillm.engine import Sampling
 
@@ -121,11 +128,51 @@ def command_generate(args):
     from trillm.engine import Session
 
     session = Session()
-    for piece in model.stream(source, new_tokens(args, model), sampling, stop_strings(args), session):
-        write(piece)
+    if args.raw:
+        for piece in model.stream(source, new_tokens(args, model), sampling, stop_strings(args), session):
+            write(piece)
+    else:
+        print_reply(model, source, args, sampling, session, show_reasoning=args.show_reasoning)
     write("\n")
     if session.finish_reason == "context":
         note(f"trillm: the context of {model.max_context} tokens is full: generation stopped there")
+
+
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+
+
+def print_reply(model, messages: list[dict], args, sampling, session, show_reasoning: bool,
+                answer: list[str] | None = None):
+    """Write a chat reply as it streams, its answer's pieces also appended to `answer` (so that what was
+    written is kept if Ctrl-C stops it). gpt-oss's reasoning (harmony's analysis channel) is written first if
+    asked for, dimmed on a terminal; --stop applies to the answer."""
+    from trillm.engine.stopping import cut_at_stop
+
+    dim = show_reasoning and sys.stdout.isatty()
+    reasoned = False
+
+    def answer_pieces():
+        nonlocal reasoned
+        pieces = model.stream_messages(messages, new_tokens(args, model), sampling, session, args.reasoning_effort)
+        try:
+            for channel, text in pieces:
+                if channel == "final":
+                    if reasoned:
+                        write(PLAIN + "\n" if dim else "\n")
+                        reasoned = False
+                    yield text
+                elif show_reasoning:
+                    write(DIM + text if dim and not reasoned else text)
+                    reasoned = True
+        finally:
+            pieces.close()
+            if reasoned and dim:
+                write(PLAIN)
+
+    for piece in cut_at_stop(answer_pieces(), stop_strings(args)):
+        if answer is not None:
+            answer.append(piece)
+        write(piece)
 
 
 def command_chat(args):
@@ -179,7 +226,7 @@ def chat_turn(model, conversation, session, text: str, args, sampling):
     reserve = max(1, min(new_tokens(args, model), model.max_context // 4))
 
     def fits(messages: list[dict]) -> bool:
-        return len(model.chat_prompt(messages)) + reserve <= model.max_context
+        return len(model.chat_prompt(messages, args.reasoning_effort)) + reserve <= model.max_context
 
     try:
         if not fits(conversation.all_messages(since=len(conversation.messages) - 1)):
@@ -192,17 +239,14 @@ def chat_turn(model, conversation, session, text: str, args, sampling):
     if dropped:
         note(f"(the conversation outgrew the context of {model.max_context} tokens: its oldest {dropped} messages "
              f"were dropped)")
-    pieces = []
+    answer = []
     try:
-        for piece in model.stream(conversation.all_messages(), new_tokens(args, model), sampling,
-                                  stop_strings(args), session):
-            pieces.append(piece)
-            write(piece)
+        print_reply(model, conversation.all_messages(), args, sampling, session, not args.hide_reasoning, answer)
         write("\n")
     except KeyboardInterrupt:
         write("\n")
         note("(reply stopped)")
-    conversation.add_assistant("".join(pieces))
+    conversation.add_assistant("".join(answer))
     if session.finish_reason == "context":
         note("(the reply was cut short: the context is full; the next message drops the oldest ones, or /reset)")
 
@@ -246,12 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-p", "--prompt", required=True, help="prompt text, or - to read standard input")
     generate.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
     generate.add_argument("--system", default=None, help="system prompt (chat template only)")
+    generate.add_argument("--show-reasoning", action="store_true",
+                          help="gpt-oss: write its reasoning (harmony's analysis channel) before the answer")
+    add_chat_arguments(generate)
     add_sampling_arguments(generate)
     generate.set_defaults(run=command_generate)
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat")
     add_model_arguments(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--hide-reasoning", action="store_true",
+                      help="gpt-oss: do not show its reasoning (harmony's analysis channel), only its answers")
+    add_chat_arguments(chat)
     add_sampling_arguments(chat)
     chat.set_defaults(run=command_chat)
 

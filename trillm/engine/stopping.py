@@ -32,28 +32,45 @@ def safe_prefix_len(text: str, stop_strings: list[str]) -> int:
     return len(text) - held_back
 
 
-def stream_text(tokenizer, token_ids: Iterator[int], stop_strings: list[str] = ()) -> Iterator[str]:
-    """Turn generated ids into printable text pieces: whole UTF-8 characters only, stop strings cut off.
+def decoded_pieces(tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
+    """Generated ids as text pieces of whole UTF-8 characters; closing this closes token_ids."""
+    decoder = StreamDecoder(tokenizer)
+    try:
+        for token in token_ids:
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+    finally:
+        token_ids.close()
+
+
+def cut_at_stop(pieces: Iterator[str], stop_strings: list[str] = ()) -> Iterator[str]:
+    """Text pieces up to the first stop string (left out), which ends the source (it is closed).
 
     Text that could be the start of a stop string is held back until it is clearly not one.
     """
-    decoder = StreamDecoder(tokenizer)
     held = ""
-    for token in token_ids:
-        held += decoder.push(token)
-        stop_at = find_stop(held, stop_strings)
-        if stop_at is not None:
-            if stop_at:
-                yield held[:stop_at]
-            token_ids.close()
-            return
-        ready = safe_prefix_len(held, stop_strings)
-        if ready:
-            yield held[:ready]
-            held = held[ready:]
-    held += decoder.flush()
-    stop_at = find_stop(held, stop_strings)
-    if stop_at is not None:
-        held = held[:stop_at]
-    if held:
-        yield held
+    try:
+        for piece in pieces:
+            held += piece
+            stop_at = find_stop(held, stop_strings)
+            if stop_at is not None:
+                if stop_at:
+                    yield held[:stop_at]
+                return
+            ready = safe_prefix_len(held, stop_strings)
+            if ready:
+                yield held[:ready]
+                held = held[ready:]
+        if held:
+            yield held
+    finally:
+        pieces.close()
+
+
+def stream_text(tokenizer, token_ids: Iterator[int], stop_strings: list[str] = ()) -> Iterator[str]:
+    """Turn generated ids into printable text pieces: whole UTF-8 characters only, stop strings cut off."""
+    return cut_at_stop(decoded_pieces(tokenizer, token_ids), stop_strings)

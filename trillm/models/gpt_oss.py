@@ -15,6 +15,7 @@ architecture; the name maps of both are in the loading part below.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class GptOssConfig(DecoderConfig):
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it attend over the sliding window only?
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    chat_format: ClassVar[str] = "harmony"
 
     @classmethod
     def from_hf(cls, config: dict, source="config.json") -> "GptOssConfig":

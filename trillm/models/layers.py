@@ -10,6 +10,7 @@ in float32 so that logits agree to ~1e-5. The steps a decode step runs most ofte
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,8 @@ class DecoderConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    # How a conversation becomes a prompt: the tokenizer's chat template, or (gpt-oss) harmony.
+    chat_format: ClassVar[str] = "template"
 
     @staticmethod
     def hf_fields(config: Fields, defaults: dict) -> dict:
