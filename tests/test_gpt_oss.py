@@ -13,6 +13,7 @@ from trillm.checkpoint.pages import file_mapping
 from trillm.engine import Session, decode_one_token, prefill
 from trillm.errors import CheckpointError
 from trillm.synth.gpt_oss import gpt_oss_config, has_vocabulary, write_gpt_oss, write_gpt_oss_gguf
+from trillm.weights.mxfp4 import MXFP4Experts
 
 SMALL = dict(vocab_size=300, max_position_embeddings=512, pad_token_id=None)  # no tokenizer: the real vocabulary is 201088 wide
 
@@ -85,9 +86,10 @@ def test_the_experts_stay_in_the_files_memory_map(tmp_path, layout):
     else:
         path = next(write_gpt_oss(tmp_path, config_of("tiny")).glob("model-*.safetensors"))
     model = trillm.load(path if layout == "gguf" else tmp_path)
-    for block in model.network.blocks:
-        for experts in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj):
-            assert file_mapping(path, experts.weight.codes.data_ptr()) is not None  # the file's pages, no copy
+    banks = [module.weight for module in model.network.modules() if isinstance(module, MXFP4Experts)]
+    assert len(banks) == 2 * (3 if layout == "gguf" else 2)  # per layer: down, and gate/up as one bank or two
+    for bank in banks:
+        assert file_mapping(path, bank.codes.data_ptr()) is not None  # the file's pages, no copy
 
 
 def test_a_config_without_mxfp4_experts_is_refused(tmp_path):

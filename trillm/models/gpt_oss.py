@@ -141,7 +141,8 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 class MLP(nn.Module):
     """The mixture of experts: a router picks experts_per_token experts a token; each expert is
-    down(clamped_swiglu(gate(x), up(x))), every projection with a bias."""
+    down(clamped_swiglu(gate(x), up(x))), gate and up one projection whose even outputs are the gate's and
+    odd ones the up's (the release's order), every projection with a bias."""
 
     def __init__(self, config: GptOssConfig, w: dict):
         super().__init__()
@@ -149,12 +150,12 @@ class MLP(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = make_linear(w["router"], w["router_bias"].float())
         k = config.experts_per_token
-        self.gate_proj = make_experts(w["gate"], w["gate_bias"], k)
-        self.up_proj = make_experts(w["up"], w["up_bias"], k)
+        self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k)
         self.down_proj = make_experts(w["down"], w["down_bias"], k)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return self.down_proj(clamped_swiglu(self.gate_proj(x, e), self.up_proj(x, e), self.alpha, self.limit), e)
+        gate_up = self.gate_up_proj(x, e)
+        return self.down_proj(clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit), e)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
@@ -176,8 +177,8 @@ def gpt_oss_block(config: GptOssConfig, w: dict, layer: int) -> Block:
 # `*_scales` uint8 [E, rows, cols / 32], biases bf16 [E, rows]. llama.cpp's converter (conversion/gpt_oss.py)
 # splits gate and up into their own ggml MXFP4 tensors, `blk.N.ffn_{gate,up,down}_exps.weight` [E, rows, cols]
 # in 17-byte blocks, with their biases, and names the sinks `blk.N.attn_sinks.weight`; q and k rows stay in
-# the release's order (its rope is NEOX-style, halves). Here the gate and up halves of the release's bank are
-# views of it: every other row, no copy.
+# the release's order (its rope is NEOX-style, halves). The release's gate/up bank is read whole (a view of
+# the file), llama.cpp's two banks as their rows interleaved (weights: make_experts), without a copy either way.
 
 LAYER_NAMES = {  # our key -> (Hugging Face name, GGUF name); None where the layout has no such tensor
     "attention_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
@@ -237,8 +238,7 @@ def load_gpt_oss(checkpoint, head: str | None = None) -> Transformer:
         return checkpoint.get(name, shape)
 
     def make_block(w: dict, layer: int) -> Block:
-        if not gguf:
-            w.update(experts_from_release(w, config))
+        w.update(experts_from_gguf(w) if gguf else experts_from_release(w, config))
         return gpt_oss_block(config, w, layer)
 
     embedding, output_head, norm = load_ends(checkpoint, config, head)
@@ -248,15 +248,15 @@ def load_gpt_oss(checkpoint, head: str | None = None) -> Transformer:
 
 
 def experts_from_release(w: dict, config: GptOssConfig) -> dict:
-    """The release's banks as MXFP4Tensors: the gate and up halves of gate_up (even and odd rows) as views."""
+    """The release's banks as MXFP4Tensors, views of the file."""
     experts, hidden, inner = config.num_experts, config.hidden_size, config.intermediate_size
-    gate_up = (w["gate_up_blocks"], w["gate_up_scales"])
-    return {
-        "gate": MXFP4Tensor(gate_up[0][:, 0::2], gate_up[1][:, 0::2], (experts, inner, hidden)),
-        "up": MXFP4Tensor(gate_up[0][:, 1::2], gate_up[1][:, 1::2], (experts, inner, hidden)),
-        "gate_bias": w["gate_up_bias"][:, 0::2], "up_bias": w["gate_up_bias"][:, 1::2],
-        "down": MXFP4Tensor(w["down_blocks"], w["down_scales"], (experts, hidden, inner)),
-    }
+    return {"gate_up": MXFP4Tensor(w["gate_up_blocks"], w["gate_up_scales"], (experts, 2 * inner, hidden)),
+            "down": MXFP4Tensor(w["down_blocks"], w["down_scales"], (experts, hidden, inner))}
+
+
+def experts_from_gguf(w: dict) -> dict:
+    """llama.cpp's gate and up banks as one with interleaved rows, as the release has it."""
+    return {"gate_up": [w["gate"], w["up"]], "gate_up_bias": torch.stack([w["gate_bias"], w["up_bias"]], -1).flatten(1)}
 
 
 def mxfp4_from_gguf(checkpoint, name: str, stored) -> MXFP4Tensor:

@@ -63,9 +63,14 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     raise TypeError(f"no embedding for a {type(weight).__name__}")
 
 
-def make_experts(weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int) -> nn.Module:
+def make_experts(weight: MXFP4Tensor | list[MXFP4Tensor], bias: torch.Tensor | None,
+                 experts_per_token: int) -> nn.Module:
     """The experts of a mixture-of-experts layer, a bank (experts, out_features, in_features) as stored, with
-    their biases (experts, out_features); a decode step reads `experts_per_token` of them."""
+    their biases (experts, out_features); a decode step reads `experts_per_token` of them. A list of banks
+    is their rows interleaved, the first's row 0, the second's row 0, ... (gpt-oss's release keeps its gate
+    and up rows so, in one bank; llama.cpp's GGUF in two)."""
+    if isinstance(weight, list):
+        return InterleavedExperts([make_experts(bank, None, experts_per_token) for bank in weight], bias)
     if isinstance(weight, MXFP4Tensor):
         return (MXFP4Experts if load() is not None else ReferenceMXFP4Experts)(weight, bias, experts_per_token)
     raise TypeError(f"no experts module for a {type(weight).__name__}")
@@ -110,6 +115,19 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([part(x) for part in self.parts], dim=-1)
         return y if self.bias is None else y + self.bias
+
+
+class InterleavedExperts(nn.Module):
+    """Banks of experts over the same input whose output rows are interleaved (see make_experts)."""
+
+    def __init__(self, parts: list[nn.Module], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.bias = None if bias is None else bias.float()
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        y = torch.stack([part(x, expert) for part in self.parts], dim=-1).flatten(-2)
+        return y if self.bias is None else y + self.bias[expert]
 
 
 def weight_bytes_per_token(network: nn.Module) -> int:

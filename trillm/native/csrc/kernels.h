@@ -156,11 +156,22 @@ static ALWAYS_INLINE vf vf_codes32(vi q, float scale, float offset) {
                      vf_set(offset));
     return _mm512_permutex2var_ps(low, q, high);
 }
-/* Lanes FP4_E2M1[q] * scale for the FP4 code q in the low 4 bits of each lane: one lookup of 16 values. */
-static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
-    return _mm512_permutexvar_ps(q, _mm512_mul_ps(_mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
-                                                                 -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f),
-                                                  vf_set(scale)));
+/* FP4 E2M1 (MXFP4's elements): the block's 16 values times its scale, then one lookup per lane by the code
+ * in the lane's low 4 bits (the bits above are ignored). */
+typedef vf fp4_table;
+static ALWAYS_INLINE fp4_table fp4_scaled(float scale) {
+    return _mm512_mul_ps(_mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
+                                        -2.0f, -3.0f, -4.0f, -6.0f),
+                         vf_set(scale));
+}
+static ALWAYS_INLINE vf fp4_lookup(fp4_table table, vi q) { return _mm512_permutexvar_ps(q, table); }
+/* Vector i of a 16-byte block's 32 codes, in the lane order of MXFP4_LANE_BYTE: the block's four 32-bit words
+ * in every group of four lanes, each group shifted to its own nibble. Broadcasting and shifting keeps the
+ * shuffle unit (the bottleneck: one lookup per 16 weights) free of byte-to-lane conversions. */
+static ALWAYS_INLINE vi fp4_codes(const uint8_t *block, int i) {
+    vi words = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)block));
+    return _mm512_srlv_epi32(words, _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12),
+                                                     vi_set(16 * i)));
 }
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -197,12 +208,20 @@ static ALWAYS_INLINE vi vi_bits(uint32_t bits) {
     vi lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)bits), lanes), _mm256_set1_epi32(1));
 }
-/* Lanes FP4_E2M1[q] * scale for the FP4 code q in the low 4 bits of each lane: the magnitude looked up by
- * its low 3 bits (8 lanes, one permute), the sign (bit 3) moved to the float's sign bit. */
-static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
-    vf magnitude = _mm256_permutevar8x32_ps(_mm256_mul_ps(_mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f),
-                                                          vf_set(scale)), q);
-    return _mm256_xor_ps(magnitude, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(8)), 28)));
+/* FP4 E2M1: the 8 magnitudes times the scale, each with its code's low 3 bits xored into bits 28-30, so that
+ * one xor after the 8-lane lookup (by those 3 bits) both restores them and sets the sign from bit 3: lane bits
+ * 28-31 become the code's 4 bits. */
+typedef vf fp4_table;
+static ALWAYS_INLINE fp4_table fp4_scaled(float scale) {
+    vf magnitudes = _mm256_mul_ps(_mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), vf_set(scale));
+    return _mm256_xor_ps(magnitudes, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), 28)));
+}
+static ALWAYS_INLINE vf fp4_lookup(fp4_table table, vi q) {
+    return _mm256_xor_ps(_mm256_permutevar8x32_ps(table, q), _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+static ALWAYS_INLINE vi fp4_codes(const uint8_t *block, int i) {
+    vi words = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
+    return _mm256_srlv_epi32(words, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), vi_set(8 * i)));
 }
 
 #else
@@ -233,15 +252,23 @@ static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return (vi)(bits & 1); }
-static ALWAYS_INLINE vf vf_fp4(vi q, float scale) {
+typedef float fp4_table;
+static ALWAYS_INLINE fp4_table fp4_scaled(float scale) { return scale; }
+static ALWAYS_INLINE vf fp4_lookup(fp4_table scale, vi q) {
     static const float values[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
     return values[q & 15] * scale;
 }
+static ALWAYS_INLINE vi fp4_codes(const uint8_t *block, int i) { return (vi)(u32_at(block + 4 * (i % 4)) >> (4 * (i / 4))); }
 #endif
 
+/* MXFP4 (fp4_codes): lane position p (vector p / VLEN, lane p % VLEN) of a block holds the nibble p / 4 of its
+ * 32-bit word p % 4, so byte 4 (p % 4) + p / 8, high nibble if p / 4 is odd. */
+#define MXFP4_LANE_BYTE(p) (4 * ((p) % 4) + (p) / 8)
+#define MXFP4_LANE_HIGH(p) ((p) / 4 % 2)
+
 /* The 4-bit codes of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high.
- * Lanes hold the code in their low 4 bits (vf_codes16 and vf_fp4 ignore the bits above). */
+ * Lanes hold the code in their low 4 bits (vf_codes16 ignores the bits above). */
 static ALWAYS_INLINE vi nibbles(const uint8_t *qs, int i) {
     int first = i * VLEN;
     vi bytes = vi_u8(qs + first % 16);

@@ -7,9 +7,11 @@
  * - GGUF (llama.cpp's block_mxfp4): 17-byte blocks, the scale first; byte j holds element j in its low
  *   nibble and element j + 16 in its high (as Q4_0).
  * - The Hugging Face release: codes (rows, cols / 32, 16) and scales (rows, cols / 32) apart; byte j holds
- *   element 2j in its low nibble and 2j + 1 in its high. Rather than reordering codes, the call reorders the
- *   activations once into the GGUF order (even elements of a block, then odd ones): a dot product does not
- *   care in which order it sums, and a token's activations are a thousandth of the weights it meets.
+ *   element 2j in its low nibble and 2j + 1 in its high.
+ * Codes are decoded in the lane order fp4_codes finds cheapest (kernels.h, MXFP4_LANE_BYTE), not in element
+ * order: rather than reordering codes, the call reorders the activations once into that order for the
+ * layout at hand. A dot product does not care in which order it sums, and a token's activations are a
+ * thousandth of the weights it meets.
  * The activations stay float32 (products as a float32 matmul over the decoded weights).
  */
 #include <stdlib.h>
@@ -18,10 +20,14 @@
 
 #define MXFP4_BLOCK 32
 
+/* Scales decoded at a time, ahead of their blocks. */
+#define SCALE_RUN 32
+
 /* The E8M0 scale 2^(s - 127) as a float: its bits moved into the exponent (s = 0 is 2^-127, a float32
  * subnormal; 255, NaN in the spec, reads as infinity). */
 static ALWAYS_INLINE float e8m0_to_float(uint8_t s) {
-    uint32_t bits = s ? (uint32_t)s << 23 : 0x00400000u;
+    uint32_t bits = (uint32_t)s << 23;
+    bits = bits > 0x00400000u ? bits : 0x00400000u; /* branch-free */
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
@@ -30,32 +36,54 @@ static ALWAYS_INLINE float e8m0_to_float(uint8_t s) {
 struct mxfp4_job {
     const uint8_t *qs, *scales;
     int64_t qs_block, qs_row, scale_block, scale_row, cols;
-    const float *x; /* (tokens, cols), in GGUF element order */
+    const float *x; /* (tokens, cols), each block's activations in lane order */
     int tokens;
     float *y;
     int64_t y_stride;
 };
 
-/* Rows r0..r1 for a constant number of tokens: each block decoded once serves every token. */
-static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const int tokens, int64_t r0, int64_t r1) {
-    const int64_t cols = job->cols;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *qs = job->qs + r * job->qs_row, *scale = job->scales + r * job->scale_row;
-        vf acc[MAX_TOKENS][2];
-        for (int t = 0; t < tokens; t++)
-            acc[t][0] = acc[t][1] = vf_zero();
-        for (int64_t c = 0; c < cols; c += MXFP4_BLOCK, qs += job->qs_block, scale += job->scale_block) {
-            float d = e8m0_to_float(*scale);
+/* One block of a row into acc[t][0..1] for each token: its 32 codes decoded once serve every token. */
+static ALWAYS_INLINE void mxfp4_block(const uint8_t *block, float scale, const float *x, int64_t cols, const int tokens,
+                                      vf acc[][2][2], const int set) {
+    const fp4_table table = fp4_scaled(scale);
 #pragma GCC unroll 32
-            for (int i = 0; i < MXFP4_BLOCK / VLEN; i++) {
-                vf weights = vf_fp4(nibbles(qs, i), d);
+    for (int i = 0; i < MXFP4_BLOCK / VLEN; i++) {
+        vf weights = fp4_lookup(table, fp4_codes(block, i));
 #pragma GCC unroll 8
-                for (int t = 0; t < tokens; t++)
-                    acc[t][i % 2] = vf_fma(weights, vf_load(job->x + t * cols + c + i * VLEN), acc[t][i % 2]);
+        for (int t = 0; t < tokens; t++)
+            acc[t][set][i % 2] = vf_fma(weights, vf_load(x + t * cols + i * VLEN), acc[t][set][i % 2]);
+    }
+}
+
+/* Rows r0..r1 for a constant number of tokens. With few tokens, blocks alternate between two sets of
+ * accumulators, so that the additions into one do not wait on the last. */
+static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const int tokens, int64_t r0, int64_t r1) {
+    const int64_t cols = job->cols, blocks = cols / MXFP4_BLOCK;
+    const int sets = tokens <= 4 ? 2 : 1;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *qs = job->qs + r * job->qs_row, *scales = job->scales + r * job->scale_row;
+        vf acc[MAX_TOKENS][2][2];
+        for (int t = 0; t < tokens; t++)
+            acc[t][0][0] = acc[t][0][1] = acc[t][1][0] = acc[t][1][1] = vf_zero();
+        for (int64_t run = 0; run < blocks; run += SCALE_RUN) {
+            const int n = blocks - run < SCALE_RUN ? (int)(blocks - run) : SCALE_RUN;
+            float d[SCALE_RUN];
+            for (int b = 0; b < n; b++)
+                d[b] = e8m0_to_float(scales[(run + b) * job->scale_block]);
+            const uint8_t *block = qs + run * job->qs_block;
+            const float *x = job->x + run * MXFP4_BLOCK;
+            int b = 0;
+            for (; b + sets <= n; b += sets, block += sets * job->qs_block, x += sets * MXFP4_BLOCK) {
+                mxfp4_block(block, d[b], x, cols, tokens, acc, 0);
+                if (sets == 2)
+                    mxfp4_block(block + job->qs_block, d[b + 1], x + MXFP4_BLOCK, cols, tokens, acc, 1);
             }
+            if (b < n)
+                mxfp4_block(block, d[b], x, cols, tokens, acc, 0);
         }
         for (int t = 0; t < tokens; t++)
-            job->y[t * job->y_stride + r] = vf_sum(vf_add(acc[t][0], acc[t][1]));
+            job->y[t * job->y_stride + r] =
+                vf_sum(vf_add(vf_add(acc[t][0][0], acc[t][0][1]), vf_add(acc[t][1][0], acc[t][1][1])));
     }
 }
 
@@ -95,19 +123,19 @@ int trillm_mxfp4_matmul(int interleaved, const uint8_t *qs, int64_t qs_block, in
         return ERROR_SHAPE;
     if (rows == 0 || tokens == 0)
         return OK;
-    float *reordered = NULL;
-    if (interleaved) { /* even elements of each block, then odd ones: the GGUF order of their codes */
-        reordered = malloc(tokens * cols * sizeof *reordered);
-        if (!reordered)
-            return ERROR_MEMORY;
-        for (int64_t i = 0; i < tokens * cols; i += MXFP4_BLOCK)
-            for (int j = 0; j < MXFP4_BLOCK / 2; j++) {
-                reordered[i + j] = x[i + 2 * j];
-                reordered[i + MXFP4_BLOCK / 2 + j] = x[i + 2 * j + 1];
-            }
-        x = reordered;
-    }
-    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, x, 0, y, rows}, rows, tokens};
+    /* each block's activations into lane order: lane p meets the element of byte MXFP4_LANE_BYTE(p)'s low or
+     * high nibble, which is element 2 byte + high in the release's order, byte + 16 high in GGUF's */
+    int element[MXFP4_BLOCK];
+    for (int p = 0; p < MXFP4_BLOCK; p++)
+        element[p] = interleaved ? 2 * MXFP4_LANE_BYTE(p) + MXFP4_LANE_HIGH(p)
+                                 : MXFP4_LANE_BYTE(p) + MXFP4_BLOCK / 2 * MXFP4_LANE_HIGH(p);
+    float *reordered = malloc(tokens * cols * sizeof *reordered);
+    if (!reordered)
+        return ERROR_MEMORY;
+    for (int64_t i = 0; i < tokens * cols; i += MXFP4_BLOCK)
+        for (int p = 0; p < MXFP4_BLOCK; p++)
+            reordered[i + p] = x[i + element[p]];
+    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, reordered, 0, y, rows}, rows, tokens};
     int64_t bytes = rows * (cols / MXFP4_BLOCK) * 17;
     run_parallel(mxfp4_chunk, &call, bytes < 32 * 1024 ? 1 : pool_threads(), 1);
     free(reordered);
