@@ -38,6 +38,15 @@ def llama_folder(tmp_path):
     return tmp_path
 
 
+def test_gpt_oss_options_are_refused_elsewhere(llama_folder):
+    for option in ({"dense": "q8_0"}, {"expert_activations": "int8"}):
+        with pytest.raises(TrillmError, match="applies to gpt-oss only"):
+            trillm.load(llama_folder, **option)
+    with pytest.raises(TrillmError, match="invalid dense format"):
+        trillm.load(llama_folder, dense="q4_0")
+    assert_one_line_error(run_cli("generate", "-m", str(llama_folder), "-p", "hi", "--dense", "q8_0"), "gpt-oss only")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or folder"):
         trillm.load(tmp_path / "absent.gguf")

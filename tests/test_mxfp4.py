@@ -53,15 +53,19 @@ def test_bad_banks_are_refused():
             check_mxfp4(broken)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("layout", ["hf", "gguf"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 11])
-def test_kernel_equals_reference(native_level, layout, tokens):
+def test_kernel_equals_reference(native_level, layout, tokens, int8):
     for experts, rows, cols in [(2, 7, 32), (4, 33, 96), (3, 64, 2880)]:
         bank = random_bank(experts, rows, cols, seed=rows)
         bank = as_gguf(bank) if layout == "gguf" else bank
         bias = torch.randn(experts, rows)
-        native, reference = MXFP4Experts(bank, bias, 2), ReferenceMXFP4Experts(bank, bias, 2)
+        native, reference = MXFP4Experts(bank, bias, 2, int8), ReferenceMXFP4Experts(bank, bias, 2, int8)
         x = torch.randn(tokens, cols)
+        # a block whose int8 scale is 1 and whose values are halves: they round to even, as the twin does
+        x[0, :32] = torch.arange(32) - 15.5
+        x[0, 31] = 127.0
         for expert in range(experts):
             expected = reference(x, expert)
             scale = (x.abs() @ mxfp4_to_float(bank, expert).abs().T).max().item()

@@ -1,6 +1,7 @@
 """A loaded model: the network of its family, its tokenizer, and generation with its own stop tokens."""
 
 import functools
+import inspect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from trillm.engine.stopping import cut_at_stop
 from trillm.errors import TrillmError
 from trillm.harmony import Harmony
 from trillm.models import family_loader
-from trillm.weights.head import HEAD_FORMATS
+from trillm.models.gpt_oss import EXPERT_ACTIVATIONS
+from trillm.weights.head import DENSE_FORMATS, HEAD_FORMATS
 
 log = logging.getLogger("trillm")
 
@@ -135,7 +137,8 @@ def final_pieces(messages: Iterator[tuple[str, str]]) -> Iterator[str]:
         messages.close()
 
 
-def load(source=None, ctx_size: int | None = None, head: str | None = None) -> Model:
+def load(source=None, ctx_size: int | None = None, head: str | None = None, dense: str | None = None,
+         expert_activations: str | None = None) -> Model:
     """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model.
 
     `ctx_size` is the context in tokens: None or 0 for the model's own, more is cut to it (with a warning).
@@ -144,9 +147,19 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None) -> M
     is a tied embedding: "bf16" (exact), "q8_0" (GGML Q8_0, 47% fewer bytes than bf16) or "q6_k" (59% fewer,
     int8 activations; see weights/head.py); None, the family's default: as stored for LLaMA, q6_k for
     BitNet (models/bitnet.py: DEFAULT_HEAD).
+
+    gpt-oss only: `dense` "q8_0" re-stores the attention projections and (unless `head` says otherwise) the
+    head in Q8_0, as llama.cpp's GGUF files have them; None keeps them as stored. `expert_activations`
+    "int8" (the default) multiplies the MXFP4 experts with activations quantized per 32, as llama.cpp does,
+    "float32" exactly (slower; see weights/mxfp4.py).
     """
     if head not in (None, *HEAD_FORMATS):
         raise TrillmError(f"invalid output head format {head!r} (choose from {', '.join(HEAD_FORMATS)})")
+    if dense not in (None, *DENSE_FORMATS):
+        raise TrillmError(f"invalid dense format {dense!r} (choose from {', '.join(DENSE_FORMATS)})")
+    if expert_activations not in (None, *EXPERT_ACTIVATIONS):
+        raise TrillmError(f"invalid expert activations {expert_activations!r} "
+                          f"(choose from {', '.join(EXPERT_ACTIVATIONS)})")
     if ctx_size is not None and (isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 0):
         raise TrillmError(f"invalid context size {ctx_size!r}: a number of tokens, or 0 for the model's own")
     checkpoint = open_checkpoint(source)
@@ -155,5 +168,10 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None) -> M
     # that would otherwise sit beside the weights at the peak.
     tokenizer = checkpoint.tokenizer()
     trim_heap()
-    network = family(checkpoint, head=head)
+    options = {name: value for name, value in (("dense", dense), ("expert_activations", expert_activations))
+               if value is not None}
+    for name in options:
+        if name not in inspect.signature(family).parameters:
+            raise TrillmError(f"{name} applies to gpt-oss only, not to {checkpoint.path}")
+    network = family(checkpoint, head=head, **options)
     return Model(network, tokenizer, str(checkpoint.path), checkpoint.generation_config(), ctx_size)

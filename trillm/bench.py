@@ -30,14 +30,14 @@ def random_prompt(vocab_size: int, length: int) -> list[int]:
 class TrillmRunner:
     """Greedy decoding through the engine's own prefill and decode steps."""
 
-    def __init__(self, model_source: str, dtype: str, head: str | None = None):
+    def __init__(self, model_source: str, dtype: str, **options):
         import torch
 
         import trillm
         from trillm.weights import weight_bytes_per_token
 
         self.torch = torch
-        self.model = trillm.load(model_source, head=head)
+        self.model = trillm.load(model_source, **options)  # head, dense, expert_activations
         self.vocab_size = self.model.config.vocab_size
         self.weight_bytes = weight_bytes_per_token(self.model.network)
 
@@ -125,7 +125,7 @@ class LlamaCppRunner:
 RUNNERS = {"trillm": TrillmRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
 
 
-def worker_main(engine: str, model_source: str, dtype: str, head: str | None, n_prompt: int, n_gen: int):
+def worker_main(engine: str, model_source: str, dtype: str, options: dict, n_prompt: int, n_gen: int):
     """Load, report ready, then answer each `run` line with one measured run as JSON."""
     import torch
 
@@ -136,7 +136,7 @@ def worker_main(engine: str, model_source: str, dtype: str, head: str | None, n_
 
         set_num_threads(threads)
     try:
-        runner = RUNNERS[engine](model_source, dtype, **({"head": head} if engine == "trillm" else {}))
+        runner = RUNNERS[engine](model_source, dtype, **(options if engine == "trillm" else {}))
     except Exception as error:  # reported by the parent as one line
         print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
         return
@@ -163,7 +163,8 @@ class Worker:
             # threads spin only while it runs, and the engines take turns, so its own default is fair.
             del env["OMP_WAIT_POLICY"]
         command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
-                   args.head or "", str(args.n_prompt), str(args.n_gen)]
+                   json.dumps({"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations}),
+                   str(args.n_prompt), str(args.n_gen)]
         self.engine = engine
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.weight_bytes = self.receive()["weight_bytes"]
@@ -266,5 +267,5 @@ def format_report(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    engine, model_source, dtype, head, n_prompt, n_gen = sys.argv[1:7]
-    worker_main(engine, model_source or None, dtype, head or None, int(n_prompt), int(n_gen))
+    engine, model_source, dtype, options, n_prompt, n_gen = sys.argv[1:7]
+    worker_main(engine, model_source or None, dtype, json.loads(options), int(n_prompt), int(n_gen))

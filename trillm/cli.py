@@ -15,7 +15,8 @@ MAX_THREADS = 256  # the kernels' pool has at most 255 workers beside the caller
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
-    from trillm.weights.head import HEAD_FORMATS
+    from trillm.models.gpt_oss import EXPERT_ACTIVATIONS
+    from trillm.weights.head import DENSE_FORMATS, HEAD_FORMATS
 
     parser.add_argument("-m", "--model", default=None,
                         help="model folder, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
@@ -25,6 +26,12 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--head", default=None, choices=HEAD_FORMATS,
                         help="output head in memory: bf16 (exact), q8_0 (47%% fewer bytes a token) or q6_k "
                              "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
+    parser.add_argument("--dense", default=None, choices=DENSE_FORMATS,
+                        help="gpt-oss: attention and head re-stored in Q8_0, as llama.cpp's GGUF files have them "
+                             "(default: as stored)")
+    parser.add_argument("--expert-activations", default=None, choices=EXPERT_ACTIVATIONS,
+                        help="gpt-oss: the MXFP4 experts' activations, int8 as llama.cpp (faster; the default) or "
+                             "float32 (exact)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):
@@ -69,7 +76,8 @@ def load_model(args):
         note(f"trillm: warning: --threads {threads} is more than the {available} CPUs this process may use")
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head)
+    return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head, dense=args.dense,
+                       expert_activations=args.expert_activations)
 
 
 def new_tokens(args, model) -> int:

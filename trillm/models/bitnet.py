@@ -69,7 +69,7 @@ class BitNetConfig(DecoderConfig):
         if quantization.flag("use_rms_norm", False):
             raise CheckpointError(f"{source}: BitNet with use_rms_norm (a norm inside every BitLinear) is not "
                                   f"supported")
-        fields.text("hidden_act", "relu2", choices=("relu2",))
+        hidden_act = fields.text("hidden_act", "relu2", choices=tuple(GLU_ACTIVATIONS))
         if fields.flag("attention_bias", False):
             raise CheckpointError(f"{source}: BitNet with attention biases is not supported")
         defaults = dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
@@ -77,7 +77,7 @@ class BitNetConfig(DecoderConfig):
                         max_position_embeddings=2048)  # transformers' BitNetConfig's
         config = cls(**DecoderConfig.hf_fields(fields, defaults), packed=not (linear_class == "autobitlinear"
                                                                                  and mode == "online"),
-                     scale_divides=linear_class == "bitlinear")
+                     scale_divides=linear_class == "bitlinear", hidden_act=hidden_act)
         config.check(source)
         return config
 

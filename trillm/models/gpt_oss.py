@@ -33,6 +33,7 @@ from trillm.models.layers import (
 )
 from trillm.models.loading import load_ends, load_layers, read_norm, rope_frequencies
 from trillm.weights import GGMLTensor, MXFP4Tensor, make_experts, make_linear
+from trillm.weights.head import restore_dense
 
 
 @dataclass
@@ -144,14 +145,14 @@ class MLP(nn.Module):
     down(clamped_swiglu(gate(x), up(x))), gate and up one projection whose even outputs are the gate's and
     odd ones the up's (the release's order), every projection with a bias."""
 
-    def __init__(self, config: GptOssConfig, w: dict):
+    def __init__(self, config: GptOssConfig, w: dict, int8_activations: bool):
         super().__init__()
         self.experts_per_token = config.experts_per_token
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = make_linear(w["router"], w["router_bias"].float())
         k = config.experts_per_token
-        self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k)
-        self.down_proj = make_experts(w["down"], w["down_bias"], k)
+        self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k, int8_activations)
+        self.down_proj = make_experts(w["down"], w["down_bias"], k, int8_activations)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, e)
@@ -162,12 +163,12 @@ class MLP(nn.Module):
         return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token, self.expert).view(x.shape)
 
 
-def gpt_oss_block(config: GptOssConfig, w: dict, layer: int) -> Block:
+def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, int8_activations: bool) -> Block:
     eps = config.rms_norm_eps
     return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
                  attention=Attention(config, w, config.windows[layer]),
                  mlp_norm=RMSNorm(w["mlp_norm"], eps),
-                 mlp=MLP(config, w))
+                 mlp=MLP(config, w, int8_activations))
 
 
 # ---- Loading: the release's names and MXFP4 blocks, and llama.cpp's ------------------------------------------
@@ -220,9 +221,18 @@ def layer_shapes(c: GptOssConfig) -> dict:
     }
 
 
-def load_gpt_oss(checkpoint, head: str | None = None) -> Transformer:
+EXPERT_ACTIVATIONS = ("int8", "float32")
+
+
+def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
+                 expert_activations: str | None = None) -> Transformer:
     """Build gpt-oss from the release's folder or a GGUF file, checking every tensor's shape. The experts
-    stay in the file's memory map, MXFP4 as stored; `head` re-stores the output head (weights/head.py)."""
+    stay in the file's memory map, MXFP4 as stored, multiplied with `expert_activations` "int8" (the
+    default: as llama.cpp does, faster) or "float32" (exact); `dense` "q8_0" re-stores the attention
+    projections and, unless `head` says otherwise, the output head in Q8_0 (weights/head.py)."""
+    if expert_activations not in (None, *EXPERT_ACTIVATIONS):
+        raise ValueError(f"unknown expert activations {expert_activations!r} (choose from {', '.join(EXPERT_ACTIVATIONS)})")
+    int8_activations = expert_activations != "float32"
     gguf = checkpoint.kind == "gguf"
     if gguf:
         config = GptOssConfig.from_gguf(checkpoint.metadata, checkpoint.names(), checkpoint.path)
@@ -235,13 +245,15 @@ def load_gpt_oss(checkpoint, head: str | None = None) -> Transformer:
             return mxfp4_from_gguf(checkpoint, name, checkpoint.get(name, shape))
         if len(shape) == 1 and key != "sinks" and not key.endswith("bias"):
             return read_norm(checkpoint, name, shape)
+        if key in ("q", "k", "v", "o"):
+            return restore_dense(checkpoint.get(name, shape), dense, lambda start, end: checkpoint.release(name, (start, end)))
         return checkpoint.get(name, shape)
 
     def make_block(w: dict, layer: int) -> Block:
         w.update(experts_from_gguf(w) if gguf else experts_from_release(w, config))
-        return gpt_oss_block(config, w, layer)
+        return gpt_oss_block(config, w, layer, int8_activations)
 
-    embedding, output_head, norm = load_ends(checkpoint, config, head)
+    embedding, output_head, norm = load_ends(checkpoint, config, head or dense)
     blocks = load_layers(checkpoint, config, table, layer_shapes(config), read, make_block, copied=("q", "k", "v"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config),
                        config.windows)

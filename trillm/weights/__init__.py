@@ -63,16 +63,18 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     raise TypeError(f"no embedding for a {type(weight).__name__}")
 
 
-def make_experts(weight: MXFP4Tensor | list[MXFP4Tensor], bias: torch.Tensor | None,
-                 experts_per_token: int) -> nn.Module:
+def make_experts(weight: MXFP4Tensor | list[MXFP4Tensor], bias: torch.Tensor | None, experts_per_token: int,
+                 int8_activations: bool = False) -> nn.Module:
     """The experts of a mixture-of-experts layer, a bank (experts, out_features, in_features) as stored, with
     their biases (experts, out_features); a decode step reads `experts_per_token` of them. A list of banks
     is their rows interleaved, the first's row 0, the second's row 0, ... (gpt-oss's release keeps its gate
-    and up rows so, in one bank; llama.cpp's GGUF in two)."""
+    and up rows so, in one bank; llama.cpp's GGUF in two). `int8_activations`: see MXFP4Experts."""
     if isinstance(weight, list):
-        return InterleavedExperts([make_experts(bank, None, experts_per_token) for bank in weight], bias)
+        return InterleavedExperts([make_experts(bank, None, experts_per_token, int8_activations) for bank in weight],
+                                  bias)
     if isinstance(weight, MXFP4Tensor):
-        return (MXFP4Experts if load() is not None else ReferenceMXFP4Experts)(weight, bias, experts_per_token)
+        experts = MXFP4Experts if load() is not None else ReferenceMXFP4Experts
+        return experts(weight, bias, experts_per_token, int8_activations)
     raise TypeError(f"no experts module for a {type(weight).__name__}")
 
 

@@ -1,6 +1,7 @@
 """How an output head is kept in memory: the largest single read of a decode step when it is a tied
 embedding (656 MB in bf16 for BitNet 2B4T, more than its 30 layers' ternary weights), so the caller may
-have it re-stored in fewer bytes than the checkpoint's.
+have it re-stored in fewer bytes than the checkpoint's; and likewise other dense weights (gpt-oss's
+attention, half of what its decode step reads beside the MXFP4 experts).
 """
 
 import logging
@@ -16,6 +17,19 @@ from trillm.weights.ggml import Q6_K_BLOCK_SIZE, Q8_0_BLOCK_SIZE, quantize_q6_k,
 log = logging.getLogger("trillm")
 
 HEAD_FORMATS = ("bf16", "q8_0", "q6_k")
+DENSE_FORMATS = ("q8_0",)
+
+
+def restore_dense(weight: torch.Tensor | GGMLTensor, dense_format: str | None,
+                  rows_done: Callable[[int, int], None] | None = None) -> torch.Tensor | GGMLTensor:
+    """A dense weight re-stored in `dense_format`: "q8_0" (GGML Q8_0, as llama.cpp's quantizer writes it:
+    8.5 bits a weight, 47% fewer bytes than bf16), or None: as stored. A weight already in GGML blocks, or
+    whose rows do not split in blocks of 32, stays as stored. `rows_done` as for quantize_q8_0."""
+    if dense_format not in (None, *DENSE_FORMATS):
+        raise ValueError(f"unknown dense format {dense_format!r} (choose from {', '.join(DENSE_FORMATS)})")
+    if dense_format is None or isinstance(weight, GGMLTensor) or weight.shape[-1] % Q8_0_BLOCK_SIZE:
+        return weight
+    return quantize_q8_0(weight, rows_done)
 
 
 def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None = None,

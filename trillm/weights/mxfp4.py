@@ -70,15 +70,29 @@ def mxfp4_to_float(weight: MXFP4Tensor, expert: int | None = None) -> torch.Tens
     return decoded if expert is None else decoded[0]
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., cols) as the int8 kernel sees it, dequantized: per block of 32, q = round_half_even(x * (127 /
+    max|x|)) and x ~ q * max|x| / 127, operation for operation as csrc/mxfp4.c's quantize_q8_row (llama.cpp's
+    Q8_0 activations, but for its rounding of halves and its scale kept in float32, not fp16)."""
+    blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
+    absmax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = torch.tensor(127.0) / absmax  # a division, as in C (torch computes 127 / absmax as 127 * (1 / absmax))
+    q = (blocks * torch.where(absmax > 0, scale, 0.0)).round()
+    return (q * (absmax / 127)).flatten(-2)
+
+
 def stored_bytes(weight: MXFP4Tensor) -> int:
     return weight.codes.numel() + (0 if weight.scales is None else weight.scales.numel())
 
 
 class MXFP4Experts(nn.Module):
     """The experts of a layer: forward(x, expert) = x W_expert^T + b_expert, float32 (n, cols) -> (n, rows),
-    by the native kernel straight from the stored blocks. A decode step reads `experts_per_token` of them."""
+    by the native kernel straight from the stored blocks. A decode step reads `experts_per_token` of them.
+    With `int8_activations` x is quantized per block of 32 first (quantize_activations) and the products are
+    integers: faster where the float kernel is compute-bound (AVX2 above all), at the cost of that rounding."""
 
-    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int):
+    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
+                 int8_activations: bool = False):
         super().__init__()
         check_mxfp4(weight)
         lib = load()
@@ -86,6 +100,7 @@ class MXFP4Experts(nn.Module):
             raise RuntimeError("the native kernels are unavailable; use ReferenceMXFP4Experts instead")
         self.weight = weight
         self.bias = None if bias is None else bias.float().contiguous()
+        self.int8_activations = int8_activations
         self.num_experts, self.out_features, self.in_features = weight.shape
         codes = weight.codes
         if weight.scales is None:  # GGUF: the scale at byte 0 of each 17-byte block, its codes after it
@@ -108,23 +123,27 @@ class MXFP4Experts(nn.Module):
         y = torch.empty(x.shape[0], self.out_features)
         interleaved, codes, codes_block, codes_row, scales, scale_block, scale_row = self._layout
         codes_step, scales_step = self._expert_steps
-        check(self._matmul(interleaved, codes + expert * codes_step, codes_block, codes_row,
+        check(self._matmul(interleaved, self.int8_activations, codes + expert * codes_step, codes_block, codes_row,
                            scales + expert * scales_step, scale_block, scale_row, self.out_features,
                            self.in_features, x.data_ptr(), x.shape[0], y.data_ptr()))
         return y if self.bias is None else y + self.bias[expert]
 
 
 class ReferenceMXFP4Experts(nn.Module):
-    """MXFP4Experts' reference twin: the expert decoded in PyTorch on every call, then a float32 matmul."""
+    """MXFP4Experts' reference twin: the expert decoded in PyTorch on every call, then a float32 matmul (of
+    the activations as the int8 kernel rounds them, with `int8_activations`)."""
 
-    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int):
+    def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
+                 int8_activations: bool = False):
         super().__init__()
         check_mxfp4(weight)
         self.weight = weight
         self.bias = None if bias is None else bias.float()
+        self.int8_activations = int8_activations
         self.num_experts, self.out_features, self.in_features = weight.shape
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        return F.linear(x.float(), mxfp4_to_float(self.weight, expert), None if self.bias is None else self.bias[expert])
+        x = quantize_activations(x) if self.int8_activations else x.float()
+        return F.linear(x, mxfp4_to_float(self.weight, expert), None if self.bias is None else self.bias[expert])

@@ -8,35 +8,40 @@
  *   nibble and element j + 16 in its high (as Q4_0).
  * - The Hugging Face release: codes (rows, cols / 32, 16) and scales (rows, cols / 32) apart; byte j holds
  *   element 2j in its low nibble and 2j + 1 in its high.
- * Codes are decoded in the lane order fp4_codes finds cheapest (kernels.h, MXFP4_LANE_BYTE), not in element
- * order: rather than reordering codes, the call reorders the activations once into that order for the
- * layout at hand. A dot product does not care in which order it sums, and a token's activations are a
+ * Codes are decoded in the order each kernel finds cheapest, not in element order: rather than reordering
+ * codes, the call reorders the activations once into that order for the layout at hand. A dot product does not care in which order it sums, and a token's activations are a
  * thousandth of the weights it meets.
- * The activations stay float32 (products as a float32 matmul over the decoded weights).
+ * Two kernels:
+ * - float32 activations (a product as a float32 matmul over the decoded weights), decoding codes in the lane
+ *   order fp4_codes finds cheapest;
+ * - int8 activations, as llama.cpp's MXFP4 x Q8_0: a token's activations quantized per block of 32 (scale
+ *   max|x| / 127), each block's products integers (the codes as int8 2 FP4_VALUES + 12, an unsigned byte
+ *   for the multiply-add instructions, the +12 taken back exactly by the block's -12 sum q), times the two
+ *   scales. About twice the speed, at the cost of the activations' rounding (see weights/mxfp4.py).
  */
+#include <math.h>
 #include <stdlib.h>
 
 #include "kernels.h"
 
 #define MXFP4_BLOCK 32
 
-/* Scales decoded at a time, ahead of their blocks. */
-#define SCALE_RUN 32
+/* The E8M0 scales 2^(s - 127) as floats, looked up: fewer instructions a block than moving the bits into an
+ * exponent. s = 0 is 2^-127, a float32 subnormal; 255, NaN in the spec, reads as infinity. */
+static float e8m0_values[256];
 
-/* The E8M0 scale 2^(s - 127) as a float: its bits moved into the exponent (s = 0 is 2^-127, a float32
- * subnormal; 255, NaN in the spec, reads as infinity). */
-static ALWAYS_INLINE float e8m0_to_float(uint8_t s) {
-    uint32_t bits = (uint32_t)s << 23;
-    bits = bits > 0x00400000u ? bits : 0x00400000u; /* branch-free */
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+__attribute__((constructor)) static void fill_e8m0_values(void) {
+    for (int s = 0; s < 256; s++) {
+        uint32_t bits = s ? (uint32_t)s << 23 : 0x00400000u;
+        memcpy(&e8m0_values[s], &bits, sizeof bits);
+    }
 }
 
 struct mxfp4_job {
     const uint8_t *qs, *scales;
     int64_t qs_block, qs_row, scale_block, scale_row, cols;
     const float *x; /* (tokens, cols), each block's activations in lane order */
+    const struct q8_row *x8; /* or int8 blocks, one row per token (q of token t at x8[0].q + t * cols / 32) */
     int tokens;
     float *y;
     int64_t y_stride;
@@ -65,25 +70,130 @@ static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const i
         vf acc[MAX_TOKENS][2][2];
         for (int t = 0; t < tokens; t++)
             acc[t][0][0] = acc[t][0][1] = acc[t][1][0] = acc[t][1][1] = vf_zero();
-        for (int64_t run = 0; run < blocks; run += SCALE_RUN) {
-            const int n = blocks - run < SCALE_RUN ? (int)(blocks - run) : SCALE_RUN;
-            float d[SCALE_RUN];
-            for (int b = 0; b < n; b++)
-                d[b] = e8m0_to_float(scales[(run + b) * job->scale_block]);
-            const uint8_t *block = qs + run * job->qs_block;
-            const float *x = job->x + run * MXFP4_BLOCK;
-            int b = 0;
-            for (; b + sets <= n; b += sets, block += sets * job->qs_block, x += sets * MXFP4_BLOCK) {
-                mxfp4_block(block, d[b], x, cols, tokens, acc, 0);
-                if (sets == 2)
-                    mxfp4_block(block + job->qs_block, d[b + 1], x + MXFP4_BLOCK, cols, tokens, acc, 1);
-            }
-            if (b < n)
-                mxfp4_block(block, d[b], x, cols, tokens, acc, 0);
+        const uint8_t *block = qs, *scale = scales;
+        const float *x = job->x;
+        int64_t b = 0;
+        for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block,
+                                   x += sets * MXFP4_BLOCK) {
+            mxfp4_block(block, e8m0_values[*scale], x, cols, tokens, acc, 0);
+            if (sets == 2)
+                mxfp4_block(block + job->qs_block, e8m0_values[scale[job->scale_block]], x + MXFP4_BLOCK, cols, tokens, acc, 1);
         }
+        if (b < blocks)
+            mxfp4_block(block, e8m0_values[*scale], x, cols, tokens, acc, 0);
         for (int t = 0; t < tokens; t++)
             job->y[t * job->y_stride + r] =
                 vf_sum(vf_add(vf_add(acc[t][0][0], acc[t][0][1]), vf_add(acc[t][1][0], acc[t][1][1])));
+    }
+}
+
+/* ---- int8 activations --------------------------------------------------------------------------------- */
+
+/* A token's activations as int8 blocks: q[b][p] for the element of block b that code p meets (the low
+ * nibbles' 16, then the high nibbles'), x = 2 d[b] q[b], and offset[b] = (-12 sum q[b], 0, ..., 0): the
+ * lanes a block's integer products start from. */
+struct q8_row {
+    int8_t (*q)[MXFP4_BLOCK];
+    float *d;
+    int32_t (*offset)[8];
+};
+
+/* cols activations to int8 blocks; element[p] is the element that code p of a block meets. The same
+ * operations as weights/mxfp4.py's quantize_q8_0: q = round_half_even(x * (127 / max|x|)). */
+static void quantize_q8_row(const float *x, int64_t cols, const int *element, struct q8_row out) {
+    for (int64_t b = 0; b < cols / MXFP4_BLOCK; b++, x += MXFP4_BLOCK) {
+        float absmax = 0.0f;
+        for (int i = 0; i < MXFP4_BLOCK; i++)
+            absmax = fmaxf(absmax, fabsf(x[i]));
+        const float iscale = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+        int32_t sum = 0;
+        for (int p = 0; p < MXFP4_BLOCK; p++) {
+            out.q[b][p] = (int8_t)rintf(x[element[p]] * iscale); /* |q| <= 127 up to a rounding */
+            sum += out.q[b][p];
+        }
+        out.d[b] = 0.5f * (absmax / 127.0f); /* halved: the codes are doubled */
+        memset(out.offset[b], 0, sizeof out.offset[b]);
+        out.offset[b][0] = -12 * sum;
+    }
+}
+
+/* 2 FP4_VALUES[code] + 12 for codes 0..15: 0..24, unsigned */
+#define FP4_DOUBLED_PLUS_12 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
+
+#if defined(__AVX2__)
+/* A block's 32 codes as 2 FP4_VALUES + 12, the low nibbles' in the first 16 bytes, the high nibbles' in the
+ * last: the block in both halves, the second shifted by 4 (bits from the next byte masked off with the
+ * high nibble), then one byte shuffle looks all 32 up. */
+static ALWAYS_INLINE __m256i fp4_unsigned_codes(const uint8_t *block) {
+    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
+    __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+    return _mm256_shuffle_epi8(_mm256_setr_epi8(FP4_DOUBLED_PLUS_12, FP4_DOUBLED_PLUS_12), nibbles);
+}
+/* 8 int32 lanes that sum to offset + sum_p codes_p q_p */
+static ALWAYS_INLINE __m256i q8_dot(__m256i codes, const int8_t *q, const int32_t *offset) {
+    __m256i activations = _mm256_loadu_si256((const __m256i *)q), start = _mm256_loadu_si256((const __m256i *)offset);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(start, codes, activations);
+#else /* unsigned x signed bytes: pairs summed to int16 (at most 2 * 24 * 127), then to int32 */
+    return _mm256_add_epi32(start, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, activations), _mm256_set1_epi16(1)));
+#endif
+}
+typedef __m256 acc8;
+static ALWAYS_INLINE acc8 acc8_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE float acc8_sum(acc8 a, acc8 b) {
+    a = _mm256_add_ps(a, b);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+/* acc[t] += scale d_t (offset + sum_p codes_p q_p) for each token t, its block b of x8[t] */
+static ALWAYS_INLINE void q8_block_into(const uint8_t *block, float scale, const struct q8_row *x8, int64_t b,
+                                        const int tokens, acc8 *acc) {
+    __m256i codes = fp4_unsigned_codes(block);
+    __m256 weight_scale = _mm256_set1_ps(scale);
+#pragma GCC unroll 8
+    for (int t = 0; t < tokens; t++)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(codes, x8[t].q[b], x8[t].offset[b])),
+                                 _mm256_mul_ps(weight_scale, _mm256_set1_ps(x8[t].d[b])), acc[t]);
+}
+#else
+typedef float acc8;
+static ALWAYS_INLINE acc8 acc8_zero(void) { return 0.0f; }
+static ALWAYS_INLINE float acc8_sum(acc8 a, acc8 b) { return a + b; }
+static ALWAYS_INLINE void q8_block_into(const uint8_t *block, float scale, const struct q8_row *x8, int64_t b,
+                                        const int tokens, acc8 *acc) {
+    static const int32_t codes[16] = {FP4_DOUBLED_PLUS_12};
+    for (int t = 0; t < tokens; t++) {
+        const int8_t *qt = x8[t].q[b];
+        int32_t dot = x8[t].offset[b][0];
+        for (int j = 0; j < MXFP4_BLOCK / 2; j++)
+            dot += codes[block[j] & 15] * qt[j] + codes[block[j] >> 4] * qt[j + 16];
+        acc[t] += (float)dot * (scale * x8[t].d[b]);
+    }
+}
+#endif
+
+/* Rows r0..r1 for a constant number of tokens, from int8 activations (job->x8[t] for token t). */
+static ALWAYS_INLINE void mxfp4_rows_tokens_int8(const struct mxfp4_job *job, const int tokens, int64_t r0, int64_t r1) {
+    const int64_t blocks = job->cols / MXFP4_BLOCK;
+    const int sets = tokens <= 4 ? 2 : 1;
+    const struct q8_row *x8 = job->x8;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *qs = job->qs + r * job->qs_row, *scales = job->scales + r * job->scale_row;
+        acc8 acc[2][MAX_TOKENS];
+        for (int t = 0; t < tokens; t++)
+            acc[0][t] = acc[1][t] = acc8_zero();
+        const uint8_t *block = qs, *scale = scales;
+        int64_t b = 0;
+        for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block) {
+            q8_block_into(block, e8m0_values[*scale], x8, b, tokens, acc[0]);
+            if (sets == 2)
+                q8_block_into(block + job->qs_block, e8m0_values[scale[job->scale_block]], x8, b + 1, tokens, acc[1]);
+        }
+        if (b < blocks)
+            q8_block_into(block, e8m0_values[*scale], x8, b, tokens, acc[0]);
+        for (int t = 0; t < tokens; t++)
+            job->y[t * job->y_stride + r] = acc8_sum(acc[0][t], acc[1][t]);
     }
 }
 
@@ -97,47 +207,72 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
     int64_t r0 = call->rows * chunk / chunks, r1 = call->rows * (chunk + 1) / chunks;
     for (int64_t t = 0; t < call->tokens; t += MAX_TOKENS) {
         struct mxfp4_job job = call->job;
-        job.x += t * job.cols;
+        if (job.x8)
+            job.x8 += t;
+        else
+            job.x += t * job.cols;
         job.y += t * call->rows;
         job.tokens = call->tokens - t < MAX_TOKENS ? (int)(call->tokens - t) : MAX_TOKENS;
-        switch (job.tokens) { /* the token count a constant, so the accumulators live in registers */
-        case 1: mxfp4_rows_tokens(&job, 1, r0, r1); break;
-        case 2: mxfp4_rows_tokens(&job, 2, r0, r1); break;
-        case 3: mxfp4_rows_tokens(&job, 3, r0, r1); break;
-        case 4: mxfp4_rows_tokens(&job, 4, r0, r1); break;
-        case 5: mxfp4_rows_tokens(&job, 5, r0, r1); break;
-        case 6: mxfp4_rows_tokens(&job, 6, r0, r1); break;
-        case 7: mxfp4_rows_tokens(&job, 7, r0, r1); break;
-        case 8: mxfp4_rows_tokens(&job, 8, r0, r1); break;
-        }
+        /* the token count a constant, so that the accumulators live in registers */
+#define ROWS(kernel) switch (job.tokens) { \
+        case 1: kernel(&job, 1, r0, r1); break; case 2: kernel(&job, 2, r0, r1); break; \
+        case 3: kernel(&job, 3, r0, r1); break; case 4: kernel(&job, 4, r0, r1); break; \
+        case 5: kernel(&job, 5, r0, r1); break; case 6: kernel(&job, 6, r0, r1); break; \
+        case 7: kernel(&job, 7, r0, r1); break; case 8: kernel(&job, 8, r0, r1); break; }
+        if (job.x8)
+            ROWS(mxfp4_rows_tokens_int8)
+        else
+            ROWS(mxfp4_rows_tokens)
+#undef ROWS
     }
 }
 
 /* y (tokens, rows) = x (tokens, cols) W^T for one MXFP4 matrix (one expert) given by its strides (see the
- * top of this file); `interleaved` for the Hugging Face element order. Returns OK, ERROR_SHAPE for cols
- * not whole blocks, ERROR_MEMORY. */
-int trillm_mxfp4_matmul(int interleaved, const uint8_t *qs, int64_t qs_block, int64_t qs_row, const uint8_t *scales,
-                        int64_t scale_block, int64_t scale_row, int64_t rows, int64_t cols, const float *x,
-                        int64_t tokens, float *y) {
+ * top of this file); `interleaved` for the Hugging Face element order; `int8_activations` for the int8
+ * kernel. Returns OK, ERROR_SHAPE for cols not whole blocks, ERROR_MEMORY. */
+int trillm_mxfp4_matmul(int interleaved, int int8_activations, const uint8_t *qs, int64_t qs_block, int64_t qs_row,
+                        const uint8_t *scales, int64_t scale_block, int64_t scale_row, int64_t rows, int64_t cols,
+                        const float *x, int64_t tokens, float *y) {
     if (cols <= 0 || cols % MXFP4_BLOCK || rows < 0 || tokens < 0)
         return ERROR_SHAPE;
     if (rows == 0 || tokens == 0)
         return OK;
-    /* each block's activations into lane order: lane p meets the element of byte MXFP4_LANE_BYTE(p)'s low or
-     * high nibble, which is element 2 byte + high in the release's order, byte + 16 high in GGUF's */
+    /* the element of each block that the kernel's p-th code meets: the float kernel's lane p holds the low or
+     * high nibble of byte MXFP4_LANE_BYTE(p), the int8 kernel's p < 16 byte p's low, p >= 16 byte p - 16's high;
+     * the byte's low nibble is element 2 byte, its high 2 byte + 1 in the release's order, byte and byte + 16
+     * in GGUF's */
     int element[MXFP4_BLOCK];
-    for (int p = 0; p < MXFP4_BLOCK; p++)
-        element[p] = interleaved ? 2 * MXFP4_LANE_BYTE(p) + MXFP4_LANE_HIGH(p)
-                                 : MXFP4_LANE_BYTE(p) + MXFP4_BLOCK / 2 * MXFP4_LANE_HIGH(p);
-    float *reordered = malloc(tokens * cols * sizeof *reordered);
-    if (!reordered)
+    for (int p = 0; p < MXFP4_BLOCK; p++) {
+        int byte = int8_activations ? p % 16 : MXFP4_LANE_BYTE(p), high = int8_activations ? p / 16 : MXFP4_LANE_HIGH(p);
+        element[p] = interleaved ? 2 * byte + high : byte + MXFP4_BLOCK / 2 * high;
+    }
+    const int64_t blocks = cols / MXFP4_BLOCK;
+    /* int8: the rows, then q (tokens, blocks, 32), offset (tokens, blocks, 8) and d (tokens, blocks); else
+     * floats (tokens, cols) */
+    void *activations = malloc(int8_activations ? tokens * (sizeof(struct q8_row) + blocks * (MXFP4_BLOCK + 9 * 4)) :
+                                                  tokens * cols * sizeof(float));
+    if (!activations)
         return ERROR_MEMORY;
-    for (int64_t i = 0; i < tokens * cols; i += MXFP4_BLOCK)
-        for (int p = 0; p < MXFP4_BLOCK; p++)
-            reordered[i + p] = x[i + element[p]];
-    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, reordered, 0, y, rows}, rows, tokens};
+    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, NULL, NULL, 0, y, rows}, rows, tokens};
+    if (int8_activations) {
+        struct q8_row *x8 = activations;
+        int8_t (*q)[MXFP4_BLOCK] = (void *)(x8 + tokens);
+        int32_t (*offset)[8] = (void *)(q + tokens * blocks);
+        float *d = (float *)(offset + tokens * blocks);
+        for (int64_t t = 0; t < tokens; t++) {
+            x8[t] = (struct q8_row){q + t * blocks, d + t * blocks, offset + t * blocks};
+            quantize_q8_row(x + t * cols, cols, element, x8[t]);
+        }
+        call.job.x8 = x8;
+    } else {
+        float *reordered = activations;
+        for (int64_t i = 0; i < tokens * cols; i += MXFP4_BLOCK)
+            for (int p = 0; p < MXFP4_BLOCK; p++)
+                reordered[i + p] = x[i + element[p]];
+        call.job.x = reordered;
+    }
     int64_t bytes = rows * (cols / MXFP4_BLOCK) * 17;
     run_parallel(mxfp4_chunk, &call, bytes < 32 * 1024 ? 1 : pool_threads(), 1);
-    free(reordered);
+    free(activations);
     return OK;
 }
