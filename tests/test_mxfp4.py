@@ -57,7 +57,7 @@ def test_bad_banks_are_refused():
 @pytest.mark.parametrize("layout", ["hf", "gguf"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 11])
 def test_kernel_equals_reference(native_level, layout, tokens, int8):
-    for experts, rows, cols in [(2, 7, 32), (4, 33, 96), (3, 64, 2880)]:
+    for experts, rows, cols in [(2, 7, 32), (4, 33, 96), (3, 64, 2880), (2, 230, 256)]:  # 230: several row tiles
         bank = random_bank(experts, rows, cols, seed=rows)
         bank = as_gguf(bank) if layout == "gguf" else bank
         bias = torch.randn(experts, rows)
@@ -67,9 +67,17 @@ def test_kernel_equals_reference(native_level, layout, tokens, int8):
         x[0, :32] = torch.arange(32) - 15.5
         x[0, 31] = 127.0
         for expert in range(experts):
-            expected = reference(x, expert)
+            one = torch.tensor([[expert, tokens]])
+            expected = reference(x, one)
             scale = (x.abs() @ mxfp4_to_float(bank, expert).abs().T).max().item()
-            torch.testing.assert_close(native(x, expert), expected, rtol=0, atol=1e-5 * scale)
+            torch.testing.assert_close(native(x, one), expected, rtol=0, atol=1e-5 * scale)
+        # several experts in one call, one of them with no rows, the order the caller's
+        counts = [tokens, 0, 2, 9][:experts]
+        groups = torch.tensor([[experts - 1 - i, count] for i, count in enumerate(counts)])
+        rows = torch.randn(sum(counts), cols)
+        expected = reference(rows, groups)
+        scale = (rows.abs() @ mxfp4_to_float(bank).abs().amax(0).T).max().item()
+        torch.testing.assert_close(native(rows, groups), expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_every_other_row_of_a_bank_is_a_bank(native_level):
@@ -78,9 +86,10 @@ def test_every_other_row_of_a_bank_is_a_bank(native_level):
     for half in (0, 1):
         view = MXFP4Tensor(bank.codes[:, half::2], bank.scales[:, half::2], (3, 10, 64))
         for expert in range(3):
-            expected = ReferenceMXFP4Experts(bank, None, 1)(x, expert)[:, half::2]
+            one = torch.tensor([[expert, 5]])
+            expected = ReferenceMXFP4Experts(bank, None, 1)(x, one)[:, half::2]
             scale = (x.abs() @ mxfp4_to_float(bank, expert).abs().T).max().item()
-            torch.testing.assert_close(MXFP4Experts(view, None, 1)(x, expert), expected, rtol=0, atol=1e-5 * scale)
+            torch.testing.assert_close(MXFP4Experts(view, None, 1)(x, one), expected, rtol=0, atol=1e-5 * scale)
             assert torch.equal(mxfp4_to_float(view, expert), mxfp4_to_float(bank, expert)[half::2])
 
 
@@ -90,5 +99,7 @@ def test_factory_and_bytes_per_token(native_level):
     assert isinstance(experts, MXFP4Experts)
     assert experts.stored_bytes == 8 * 16 * (2 * 16 + 2) and experts.bytes_per_token == 2 * 16 * (2 * 16 + 2)
     assert weight_bytes_per_token(torch.nn.ModuleList([experts])) == experts.bytes_per_token
-    with pytest.raises(ValueError, match="expert 8"):
-        experts(torch.zeros(1, 64), 8)
+    for bad in ([[8, 1]], [[-1, 1]], [[0, 2]], [[0, -1], [1, 2]]):  # no such expert; counts that miss the rows
+        for module in (experts, ReferenceMXFP4Experts(bank, None, 2)):
+            with pytest.raises(ValueError, match="expert"):
+                module(torch.zeros(1, 64), torch.tensor(bad))

@@ -154,13 +154,13 @@ class MLP(nn.Module):
         self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k, int8_activations)
         self.down_proj = make_experts(w["down"], w["down_bias"], k, int8_activations)
 
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x, e)
-        return self.down_proj(clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit), e)
+    def experts(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, groups)
+        return self.down_proj(clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit), groups)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
-        return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token, self.expert).view(x.shape)
+        return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token, self.experts).view(x.shape)
 
 
 def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, int8_activations: bool) -> Block:

@@ -343,18 +343,19 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quer
 
 # ---- Mixtures of experts ---------------------------------------------------------------------------------
 
-def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, experts_per_token: int, expert) -> torch.Tensor:
+def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, experts_per_token: int, experts) -> torch.Tensor:
     """Each token (n, dim) through the `experts_per_token` experts its router logits (n, experts) rank
     highest, their outputs weighted by a softmax over those logits alone and summed (Shazeer et al., 2017;
-    gpt-oss). `expert(x, e)` runs the tokens routed to expert e, all of them at once, so that a prompt reads
-    each expert's weights once."""
+    gpt-oss). `experts(rows, groups)` runs all the routed copies of the tokens at once, sorted by expert:
+    groups (g, 2) holds each expert and its number of rows, so that a prompt reads each expert's weights
+    once and a decode step makes one call for its few experts."""
     top_logits, chosen = router_logits.topk(experts_per_token, dim=-1)
-    weights = top_logits.softmax(dim=-1)
-    out = torch.zeros_like(x)
-    for e in chosen.unique().tolist():
-        token, rank = (chosen == e).nonzero(as_tuple=True)
-        out.index_add_(0, token, expert(x[token], e) * weights[token, rank, None])
-    return out
+    weights = top_logits.softmax(dim=-1).flatten()
+    order = chosen.flatten().argsort(stable=True)  # the (token, rank) pairs by expert
+    token = order // experts_per_token
+    expert, count = chosen.flatten()[order].unique_consecutive(return_counts=True)
+    y = experts(x[token], torch.stack([expert, count], dim=1))
+    return torch.zeros_like(x).index_add_(0, token, y * weights[order, None])
 
 
 # ---- The decoder: pre-norm residual blocks between an embedding and an output head ----------------------

@@ -176,8 +176,8 @@ def open_library(path: Path) -> ctypes.CDLL:
         "trillm_decode_rows": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
         "trillm_vector_floats": ([], ctypes.c_int),
         # mxfp4.c
-        "trillm_mxfp4_matmul": ([ctypes.c_int, ctypes.c_int, pointer, size, size, pointer, size, size, size, size,
-                                 pointer, size, pointer], ctypes.c_int),
+        "trillm_mxfp4_experts": ([ctypes.c_int, ctypes.c_int, pointer, size, size, size, pointer, size, size, size,
+                                  size, size, size, pointer, pointer, size, pointer, size, pointer], ctypes.c_int),
         # ternary.c
         "trillm_ternary_matmul": ([pointer, size, size, pointer, size, pointer, size, pointer], ctypes.c_int),
         "trillm_ternary_quantize": ([pointer, size, size, pointer, pointer], None),

@@ -6,7 +6,8 @@ formats or kernels.
     make_linear(weight)         forward(x float32 [..., in]) -> float32 [..., out]
     make_linear([q, k, v])      the same over the weights' rows stacked: one matmul where they can share one
     make_embedding(weight)      forward(ids int64 [...]) -> float32 [..., dim]
-    make_experts(bank, bias, k) forward(x float32 [n, in], expert) -> float32 [n, out], a mixture's experts
+    make_experts(bank, bias, k) forward(x float32 [n, in], groups int64 [g, 2]) -> float32 [n, out], a mixture's
+                                experts: x's rows grouped by expert, groups (expert, rows) in that order
     weight_bytes_per_token(m)   the bytes of stored weights a decode step of model m reads
 """
 
@@ -70,8 +71,9 @@ def make_experts(weight: MXFP4Tensor | list[MXFP4Tensor], bias: torch.Tensor | N
     is their rows interleaved, the first's row 0, the second's row 0, ... (gpt-oss's release keeps its gate
     and up rows so, in one bank; llama.cpp's GGUF in two). `int8_activations`: see MXFP4Experts."""
     if isinstance(weight, list):
-        return InterleavedExperts([make_experts(bank, None, experts_per_token, int8_activations) for bank in weight],
-                                  bias)
+        biases = [None] * len(weight) if bias is None else bias.unflatten(1, (-1, len(weight))).unbind(2)
+        return InterleavedExperts([make_experts(bank, part_bias, experts_per_token, int8_activations)
+                                   for bank, part_bias in zip(weight, biases)])
     if isinstance(weight, MXFP4Tensor):
         experts = MXFP4Experts if load() is not None else ReferenceMXFP4Experts
         return experts(weight, bias, experts_per_token, int8_activations)
@@ -122,14 +124,12 @@ class StackedLinear(nn.Module):
 class InterleavedExperts(nn.Module):
     """Banks of experts over the same input whose output rows are interleaved (see make_experts)."""
 
-    def __init__(self, parts: list[nn.Module], bias: torch.Tensor | None = None):
+    def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
-        self.bias = None if bias is None else bias.float()
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        y = torch.stack([part(x, expert) for part in self.parts], dim=-1).flatten(-2)
-        return y if self.bias is None else y + self.bias[expert]
+    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part(x, groups) for part in self.parts], dim=-1).flatten(-2)
 
 
 def weight_bytes_per_token(network: nn.Module) -> int:

@@ -10,13 +10,14 @@ Two stored layouts (csrc/mxfp4.c computes from either as stored, memory-mapped, 
 The reference decode equals transformers' integrations.mxfp4.convert_moe_packed_tensors.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trillm.native.build import check, load
+from trillm.native.build import load
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK_SIZE = 32
@@ -86,10 +87,12 @@ def stored_bytes(weight: MXFP4Tensor) -> int:
 
 
 class MXFP4Experts(nn.Module):
-    """The experts of a layer: forward(x, expert) = x W_expert^T + b_expert, float32 (n, cols) -> (n, rows),
-    by the native kernel straight from the stored blocks. A decode step reads `experts_per_token` of them.
-    With `int8_activations` x is quantized per block of 32 first (quantize_activations) and the products are
-    integers: faster where the float kernel is compute-bound (AVX2 above all), at the cost of that rounding."""
+    """The experts of a layer, by the native kernel straight from the stored blocks: forward(x, groups) with x
+    float32 (n, cols) and groups int64 (g, 2) of (expert e, count), x's rows in that order, the first group's
+    count of them, then the next's, is x W_e^T + b_e for each row, (n, rows): one call for all the experts
+    a layer's tokens are routed to. A decode step reads `experts_per_token` of them. With
+    `int8_activations` x is quantized per block of 32 first (quantize_activations) and the products are
+    integers: about twice as fast (the float kernel is compute-bound), at the cost of that rounding."""
 
     def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
                  int8_activations: bool = False):
@@ -105,28 +108,28 @@ class MXFP4Experts(nn.Module):
         codes = weight.codes
         if weight.scales is None:  # GGUF: the scale at byte 0 of each 17-byte block, its codes after it
             base = codes.data_ptr()
-            self._layout = (0, base + 1, GGUF_BLOCK_BYTES, codes.stride(1), base, GGUF_BLOCK_BYTES, codes.stride(1))
-            self._expert_steps = (codes.stride(0), codes.stride(0))
+            layout = (0, base + 1, GGUF_BLOCK_BYTES, codes.stride(1), codes.stride(0),
+                      base, GGUF_BLOCK_BYTES, codes.stride(1), codes.stride(0))
         else:
             scales = weight.scales
-            self._layout = (1, codes.data_ptr(), 16, codes.stride(1), scales.data_ptr(), 1, scales.stride(1))
-            self._expert_steps = (codes.stride(0), scales.stride(0))
-        self._matmul = lib.trillm_mxfp4_matmul
+            layout = (1, codes.data_ptr(), 16, codes.stride(1), codes.stride(0),
+                      scales.data_ptr(), 1, scales.stride(1), scales.stride(0))
+        interleaved, *strides = layout
+        self._matmul = functools.partial(lib.trillm_mxfp4_experts, interleaved, int8_activations, *strides,
+                                         *weight.shape, None if self.bias is None else self.bias.data_ptr())
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        if x.shape[-1] != self.in_features or not 0 <= expert < self.num_experts:
-            raise ValueError(f"input of {x.shape[-1]} features for expert {expert}: this bank takes "
-                             f"{self.in_features} and has {self.num_experts} experts")
+    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the kernel would read past x
+            raise ValueError(f"input has {x.shape[-1]} features, this bank takes {self.in_features}")
         x = x.float().contiguous()
+        groups = groups.to(torch.int64).contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        interleaved, codes, codes_block, codes_row, scales, scale_block, scale_row = self._layout
-        codes_step, scales_step = self._expert_steps
-        check(self._matmul(interleaved, self.int8_activations, codes + expert * codes_step, codes_block, codes_row,
-                           scales + expert * scales_step, scale_block, scale_row, self.out_features,
-                           self.in_features, x.data_ptr(), x.shape[0], y.data_ptr()))
-        return y if self.bias is None else y + self.bias[expert]
+        if self._matmul(groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
+            raise ValueError(f"expert groups {groups.tolist()} for {x.shape[0]} rows: this bank has experts "
+                             f"0 to {self.num_experts - 1}, and the counts must sum to the rows")
+        return y
 
 
 class ReferenceMXFP4Experts(nn.Module):
@@ -144,6 +147,16 @@ class ReferenceMXFP4Experts(nn.Module):
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
-    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        x = quantize_activations(x) if self.int8_activations else x.float()
-        return F.linear(x, mxfp4_to_float(self.weight, expert), None if self.bias is None else self.bias[expert])
+    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        outputs, first = [], 0
+        for expert, count in groups.tolist():
+            if not 0 <= expert < self.num_experts or count < 0:
+                raise ValueError(f"expert {expert} ({count} rows) of a bank of {self.num_experts}")
+            x_group = x[first:first + count]
+            x_group = quantize_activations(x_group) if self.int8_activations else x_group.float()
+            outputs.append(F.linear(x_group, mxfp4_to_float(self.weight, expert),
+                                    None if self.bias is None else self.bias[expert]))
+            first += count
+        if first != x.shape[0]:
+            raise ValueError(f"expert groups {groups.tolist()} for {x.shape[0]} rows: the counts must sum to the rows")
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.out_features)

@@ -198,42 +198,78 @@ static ALWAYS_INLINE void mxfp4_rows_tokens_int8(const struct mxfp4_job *job, co
 }
 
 struct mxfp4_call {
-    struct mxfp4_job job;
-    int64_t rows, tokens;
+    struct mxfp4_job job; /* expert 0's blocks; x and y of the first group's first token */
+    int64_t rows, qs_expert, scale_expert;
+    const int64_t (*groups)[2]; /* (expert, tokens), the tokens of each group after the last group's */
+    int64_t n_groups;
+    const float *bias; /* (experts, rows), or NULL */
 };
 
+/* Rows are taken a tile at a time, so that a prompt's tokens, MAX_TOKENS a pass, meet a tile's blocks in
+ * L2 (48 rows of 2880 columns are 73 KB) instead of in memory. */
+#define ROW_TILE 48
+
+/* One thread's share of the rows of every group's expert. */
 static void mxfp4_chunk(void *arg, int chunk, int chunks) {
     const struct mxfp4_call *call = arg;
-    int64_t r0 = call->rows * chunk / chunks, r1 = call->rows * (chunk + 1) / chunks;
-    for (int64_t t = 0; t < call->tokens; t += MAX_TOKENS) {
-        struct mxfp4_job job = call->job;
-        if (job.x8)
-            job.x8 += t;
-        else
-            job.x += t * job.cols;
-        job.y += t * call->rows;
-        job.tokens = call->tokens - t < MAX_TOKENS ? (int)(call->tokens - t) : MAX_TOKENS;
-        /* the token count a constant, so that the accumulators live in registers */
+    const int64_t rows = call->rows, r0 = rows * chunk / chunks, r1 = rows * (chunk + 1) / chunks;
+    int64_t first = 0; /* the group's first token */
+    for (int64_t g = 0; g < call->n_groups; first += call->groups[g][1], g++) {
+        const int64_t expert = call->groups[g][0], tokens = call->groups[g][1];
+        for (int64_t tile = r0; tile < r1; tile += ROW_TILE) {
+            const int64_t tile_end = tile + ROW_TILE < r1 ? tile + ROW_TILE : r1;
+            for (int64_t t = 0; t < tokens; t += MAX_TOKENS) {
+                struct mxfp4_job job = call->job;
+                job.qs += expert * call->qs_expert;
+                job.scales += expert * call->scale_expert;
+                if (job.x8)
+                    job.x8 += first + t;
+                else
+                    job.x += (first + t) * job.cols;
+                job.y += (first + t) * rows;
+                job.tokens = tokens - t < MAX_TOKENS ? (int)(tokens - t) : MAX_TOKENS;
+                /* the token count a constant, so that the accumulators live in registers */
 #define ROWS(kernel) switch (job.tokens) { \
-        case 1: kernel(&job, 1, r0, r1); break; case 2: kernel(&job, 2, r0, r1); break; \
-        case 3: kernel(&job, 3, r0, r1); break; case 4: kernel(&job, 4, r0, r1); break; \
-        case 5: kernel(&job, 5, r0, r1); break; case 6: kernel(&job, 6, r0, r1); break; \
-        case 7: kernel(&job, 7, r0, r1); break; case 8: kernel(&job, 8, r0, r1); break; }
-        if (job.x8)
-            ROWS(mxfp4_rows_tokens_int8)
-        else
-            ROWS(mxfp4_rows_tokens)
+                case 1: kernel(&job, 1, tile, tile_end); break; case 2: kernel(&job, 2, tile, tile_end); break; \
+                case 3: kernel(&job, 3, tile, tile_end); break; case 4: kernel(&job, 4, tile, tile_end); break; \
+                case 5: kernel(&job, 5, tile, tile_end); break; case 6: kernel(&job, 6, tile, tile_end); break; \
+                case 7: kernel(&job, 7, tile, tile_end); break; case 8: kernel(&job, 8, tile, tile_end); break; }
+                if (job.x8)
+                    ROWS(mxfp4_rows_tokens_int8)
+                else
+                    ROWS(mxfp4_rows_tokens)
 #undef ROWS
+            }
+        }
+        if (call->bias)
+            for (int64_t t = first; t < first + tokens; t++)
+                for (int64_t r = r0; r < r1; r++)
+                    call->job.y[t * rows + r] += call->bias[expert * rows + r];
     }
 }
 
-/* y (tokens, rows) = x (tokens, cols) W^T for one MXFP4 matrix (one expert) given by its strides (see the
- * top of this file); `interleaved` for the Hugging Face element order; `int8_activations` for the int8
- * kernel. Returns OK, ERROR_SHAPE for cols not whole blocks, ERROR_MEMORY. */
-int trillm_mxfp4_matmul(int interleaved, int int8_activations, const uint8_t *qs, int64_t qs_block, int64_t qs_row,
-                        const uint8_t *scales, int64_t scale_block, int64_t scale_row, int64_t rows, int64_t cols,
-                        const float *x, int64_t tokens, float *y) {
-    if (cols <= 0 || cols % MXFP4_BLOCK || rows < 0 || tokens < 0)
+/* y (tokens, rows) = x (tokens, cols) W_e^T + bias_e for a bank of MXFP4 matrices (experts) given by their
+ * strides (see the top of this file), in groups: `groups` (n_groups, 2) of (expert e, its token count), the
+ * tokens of x and y in group order (the counts summing to `tokens`); `bias` (experts, rows) or NULL.
+ * One call for all the experts a layer's tokens are routed to, so that the threads start once.
+ * `interleaved` for the Hugging Face element order; `int8_activations` for the int8 kernel. Returns OK,
+ * ERROR_SHAPE for cols not whole blocks or counts that do not sum to tokens, ERROR_INDEX for an expert out
+ * of range, ERROR_MEMORY. */
+int trillm_mxfp4_experts(int interleaved, int int8_activations, const uint8_t *qs, int64_t qs_block, int64_t qs_row,
+                         int64_t qs_expert, const uint8_t *scales, int64_t scale_block, int64_t scale_row,
+                         int64_t scale_expert, int64_t experts, int64_t rows, int64_t cols, const float *bias,
+                         const int64_t (*groups)[2], int64_t n_groups, const float *x, int64_t tokens, float *y) {
+    if (cols <= 0 || cols % MXFP4_BLOCK || rows < 0 || tokens < 0 || n_groups < 0)
+        return ERROR_SHAPE;
+    int64_t counted = 0;
+    for (int64_t g = 0; g < n_groups; g++) {
+        if (groups[g][0] < 0 || groups[g][0] >= experts)
+            return ERROR_INDEX;
+        if (groups[g][1] < 0)
+            return ERROR_SHAPE;
+        counted += groups[g][1];
+    }
+    if (counted != tokens)
         return ERROR_SHAPE;
     if (rows == 0 || tokens == 0)
         return OK;
@@ -253,7 +289,8 @@ int trillm_mxfp4_matmul(int interleaved, int int8_activations, const uint8_t *qs
                                                   tokens * cols * sizeof(float));
     if (!activations)
         return ERROR_MEMORY;
-    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, NULL, NULL, 0, y, rows}, rows, tokens};
+    struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, NULL, NULL, 0, y, rows},
+                              rows, qs_expert, scale_expert, groups, n_groups, bias};
     if (int8_activations) {
         struct q8_row *x8 = activations;
         int8_t (*q)[MXFP4_BLOCK] = (void *)(x8 + tokens);
@@ -271,7 +308,7 @@ int trillm_mxfp4_matmul(int interleaved, int int8_activations, const uint8_t *qs
                 reordered[i + p] = x[i + element[p]];
         call.job.x = reordered;
     }
-    int64_t bytes = rows * (cols / MXFP4_BLOCK) * 17;
+    int64_t bytes = n_groups * rows * blocks * 17;
     run_parallel(mxfp4_chunk, &call, bytes < 32 * 1024 ? 1 : pool_threads(), 1);
     free(activations);
     return OK;
