@@ -46,6 +46,19 @@ def test_bench_json_reports_speeds():
     assert ours["prefill_tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0
     assert 50 < ours["weights_mb_per_token"] < 150  # Q4_1 projections + Q8_0 head, about 96 MB
     assert ours["peak_rss_mb"] > 0
+    assert report["sequential"] is False  # 98 MB: the engines take turns run by run
+
+
+def test_bench_runs_engines_one_after_another_when_they_would_not_fit(monkeypatch, capsys):
+    from trillm import bench
+    from trillm.cli import build_parser
+
+    assert bench.checkpoint_bytes(None) > 90e6  # the default model's file
+    monkeypatch.setattr(bench, "checkpoint_bytes", lambda source: 10**15)
+    bench.run_bench(build_parser().parse_args(["bench", "-p", "4", "-n", "2", "-r", "1", "-t", "1",
+                                               "--compare", "transformers", "--json"]))
+    report = json.loads(capsys.readouterr().out)
+    assert report["sequential"] is True and set(report["engines"]) == {"trillm", "transformers"}
 
 
 def test_model_commands_take_every_head_format():

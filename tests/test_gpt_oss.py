@@ -9,11 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import trillm
+from trillm.bench import gguf_bytes_per_token
 from trillm.checkpoint.pages import file_mapping
 from trillm.engine import Session, decode_one_token, prefill
 from trillm.errors import CheckpointError
 from trillm.synth.gpt_oss import gpt_oss_config, has_vocabulary, write_gpt_oss, write_gpt_oss_gguf
 from trillm.weights.ggml import GGMLLinear
+from trillm.weights import weight_bytes_per_token
 from trillm.weights.mxfp4 import MXFP4Experts
 
 SMALL = dict(vocab_size=300, max_position_embeddings=512, pad_token_id=None)  # no tokenizer: the real vocabulary is 201088 wide
@@ -108,6 +110,9 @@ def test_the_experts_stay_in_the_files_memory_map(tmp_path, layout):
     assert len(banks) == 2 * (3 if layout == "gguf" else 2)  # per layer: down, and gate/up as one bank or two
     for bank in banks:
         assert file_mapping(path, bank.codes.data_ptr()) is not None  # the file's pages, no copy
+    if layout == "gguf":  # what bench counts for llama.cpp on the file: what trillm reads, but norms and biases
+        stored = weight_bytes_per_token(model.network)
+        assert stored < gguf_bytes_per_token(path) < 1.1 * stored  # counting every expert: about twice
 
 
 def test_a_config_without_mxfp4_experts_is_refused(tmp_path):

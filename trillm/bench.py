@@ -2,7 +2,8 @@
 
 Each engine runs in its own worker process (so its peak resident memory is its own) and loads the model
 once; the parent then asks the workers for one measured run each in turn, so a slow spell of a shared
-machine hits every engine alike. One warm-up run each, then medians of the repetitions.
+machine hits every engine alike (unless together they would not fit in memory: then one after another).
+One warm-up run each, then medians of the repetitions.
 """
 
 import json
@@ -89,6 +90,30 @@ class TransformersRunner:
         return prefill, decode
 
 
+def gguf_bytes_per_token(path) -> int:
+    """The bytes of a GGUF file's tensors that a decode step reads, counted as trillm counts its own: every
+    matrix once, a mixture's expert banks (`*_exps`) for the experts a token is routed to only, and the token
+    embedding not at all when an output head of its own is there (one row of it is read)."""
+    import math
+
+    from gguf import GGML_QUANT_SIZES
+
+    from trillm.checkpoint.gguf_file import GGUFCheckpoint
+
+    checkpoint = GGUFCheckpoint(path)
+    architecture = checkpoint.metadata.get("general.architecture")
+    routed = (checkpoint.metadata.get(f"{architecture}.expert_used_count", 1)
+              / checkpoint.metadata.get(f"{architecture}.expert_count", 1))
+    total = 0
+    for name, (ggml_type, dims, _) in checkpoint.infos.items():
+        if name == "token_embd.weight" and "output.weight" in checkpoint.infos:
+            continue
+        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        size = math.prod(dims[1:]) * dims[0] // block_size * block_bytes
+        total += size * routed if "_exps." in name else size
+    return int(total)
+
+
 class LlamaCppRunner:
     def __init__(self, model_source: str, dtype: str):
         try:
@@ -107,7 +132,7 @@ class LlamaCppRunner:
         self.model = Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
                            logits_all=False, verbose=False)
         self.vocab_size = self.model.n_vocab()
-        self.weight_bytes = path.stat().st_size
+        self.weight_bytes = gguf_bytes_per_token(path)
 
     def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
         model, numpy = self.model, self.numpy
@@ -206,6 +231,14 @@ def measure_memory_bandwidth(threads: int) -> float:
     return buffer.nbytes / best
 
 
+def checkpoint_bytes(source) -> int:
+    """The size of a model's weight files: a GGUF file, or a folder's safetensors."""
+    from trillm.checkpoint import resolve_source
+
+    path = resolve_source(source)
+    return path.stat().st_size if path.is_file() else sum(file.stat().st_size for file in path.glob("*.safetensors"))
+
+
 def run_bench(args):
     threads = args.threads or os.cpu_count()
     for name in ("n_prompt", "n_gen", "repetitions"):
@@ -215,30 +248,34 @@ def run_bench(args):
 
     open_checkpoint(args.model)  # a bad source fails here, in one line, before any worker starts
     engines = ["trillm"] + [engine for engine in args.compare if engine != "trillm"]
-    workers = [Worker(engine, args, threads) for engine in engines]
-    for worker in workers:  # warm-up: caches, thread pools, lazy initialisation
-        worker.run()
-    for _ in range(args.repetitions):
-        for worker in workers:
-            worker.runs.append(worker.run())
-    bandwidth = measure_memory_bandwidth(threads)
+    # Engines that would not fit in memory side by side (gpt-oss-20b: llama.cpp keeps a second copy of its
+    # experts) run one after another; else they take turns, run by run.
+    sequential = len(engines) * checkpoint_bytes(args.model) > 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     results = {}
-    for worker in workers:
-        prefill = statistics.median(run["prefill_s"] for run in worker.runs)
-        decode = statistics.median(run["decode_s"] for run in worker.runs)
-        results[worker.engine] = {
-            "prefill_tokens_per_s": args.n_prompt / prefill,
-            "decode_tokens_per_s": args.n_gen / decode,
-            "peak_rss_mb": worker.finish() / 2**20,
-            "weights_mb_per_token": worker.weight_bytes / 2**20,
-            "implied_gb_per_s": worker.weight_bytes * args.n_gen / decode / 1e9,
-        }
+    for group in ([[engine] for engine in engines] if sequential else [engines]):
+        workers = [Worker(engine, args, threads) for engine in group]
+        for worker in workers:  # warm-up: caches, thread pools, lazy initialisation
+            worker.run()
+        for _ in range(args.repetitions):
+            for worker in workers:
+                worker.runs.append(worker.run())
+        for worker in workers:
+            prefill = statistics.median(run["prefill_s"] for run in worker.runs)
+            decode = statistics.median(run["decode_s"] for run in worker.runs)
+            results[worker.engine] = {
+                "prefill_tokens_per_s": args.n_prompt / prefill,
+                "decode_tokens_per_s": args.n_gen / decode,
+                "peak_rss_mb": worker.finish() / 2**20,
+                "weights_mb_per_token": worker.weight_bytes / 2**20,
+                "implied_gb_per_s": worker.weight_bytes * args.n_gen / decode / 1e9,
+            }
+    bandwidth = measure_memory_bandwidth(threads)
     from trillm.native.build import chosen_level
 
     report = {"model": args.model or "default (SmolLM2-135M-Instruct Q4_1)", "threads": threads,
               "native_kernels": chosen_level() or "none (PyTorch reference twins)",
               "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
-              "machine_bandwidth_gb_per_s": bandwidth / 1e9, "engines": results}
+              "machine_bandwidth_gb_per_s": bandwidth / 1e9, "sequential": sequential, "engines": results}
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
@@ -255,6 +292,8 @@ def format_report(report: dict) -> str:
     for engine, r in engines.items():
         lines.append(f"{engine:<14}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}"
                      f"{r['peak_rss_mb']:>13.0f}{r['weights_mb_per_token']:>18.1f}{r['implied_gb_per_s']:>14.2f}")
+    if report["sequential"]:
+        lines.append("(the engines ran one after another: side by side they would not fit in this machine's memory)")
     ours = engines["trillm"]
     for engine, r in engines.items():
         if engine != "trillm":
