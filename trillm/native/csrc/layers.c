@@ -53,12 +53,12 @@ static void rotate(const float *x, const float *cos, const float *sin, int64_t h
     }
 }
 
-/* out (head_dim) = sum_j p[j] values[j], values (length, head_dim): 4 vectors of out at a time (then 1)
+/* out (head_dim) += sum_j p[j] values[j], values (length, head_dim): 4 vectors of out at a time (then 1)
  * summed in registers over all positions. */
 static void weighted_sum(const float *p, const float *values, int64_t length, int64_t head_dim, float *out) {
     int64_t i = 0;
     for (; i + 4 * VLEN <= head_dim; i += 4 * VLEN) {
-        vf sum[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+        vf sum[4] = {vf_load(out + i), vf_load(out + i + VLEN), vf_load(out + i + 2 * VLEN), vf_load(out + i + 3 * VLEN)};
         for (int64_t j = 0; j < length; j++)
             for (int k = 0; k < 4; k++)
                 sum[k] = vf_fma(vf_set(p[j]), vf_load(values + j * head_dim + i + k * VLEN), sum[k]);
@@ -66,13 +66,12 @@ static void weighted_sum(const float *p, const float *values, int64_t length, in
             vf_store(out + i + k * VLEN, sum[k]);
     }
     for (; i + VLEN <= head_dim; i += VLEN) {
-        vf sum = vf_zero();
+        vf sum = vf_load(out + i);
         for (int64_t j = 0; j < length; j++)
             sum = vf_fma(vf_set(p[j]), vf_load(values + j * head_dim + i), sum);
         vf_store(out + i, sum);
     }
     for (; i < head_dim; i++) {
-        out[i] = 0.0f;
         for (int64_t j = 0; j < length; j++)
             out[i] += p[j] * values[j * head_dim + i];
     }
@@ -86,30 +85,53 @@ struct attention_call {
     float scale;
 };
 
+/* Positions a pass over the cache takes: the query heads that share a key/value head meet each span of its
+ * keys and values in L2 (256 of 64 floats are 64 KB), so a long context is read from memory once a key/value
+ * head, not once a query head (8 times, for gpt-oss's 64 query and 8 key/value heads). */
+#define ATTENTION_SPAN 256
+
+/* One thread's query heads, a contiguous range, taken as runs that share a key/value head. */
 static void attention_chunk(void *arg, int chunk, int chunks) {
     const struct attention_call *c = arg;
-    int64_t all_heads = c->batch * c->heads, group = c->heads / c->kv_heads;
-    float *scores = malloc((c->length + c->head_dim) * sizeof *scores), *q = scores + c->length;
-    for (int64_t bh = all_heads * chunk / chunks; bh < all_heads * (chunk + 1) / chunks; bh++) {
-        int64_t b = bh / c->heads, head = bh % c->heads, kv_head = head / group;
-        rotate(c->qkv + (b * (c->heads + 2 * c->kv_heads) + head) * c->head_dim, c->cos, c->sin, c->head_dim, q);
+    const int64_t group = c->heads / c->kv_heads, length = c->length, head_dim = c->head_dim;
+    const int64_t end = c->batch * c->heads * (chunk + 1) / chunks;
+    float *scores = malloc(group * (length + head_dim) * sizeof *scores), *q = scores + group * length;
+    for (int64_t first = c->batch * c->heads * chunk / chunks, last; first < end; first = last) {
+        const int64_t b = first / c->heads, kv_head = first % c->heads / group;
+        last = b * c->heads + (kv_head + 1) * group < end ? b * c->heads + (kv_head + 1) * group : end;
+        const int64_t n = last - first; /* query heads first..last-1 of sequence b read kv head kv_head */
         const float *keys = c->keys + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
         const float *values = c->values + b * c->kv_batch_stride + kv_head * c->kv_head_stride;
-        float *out = c->out + bh * c->head_dim;
-        /* A sink (gpt-oss) is one more logit in the softmax's denominator whose value is dropped: the head
-         * may give a token less than all of its attention. */
-        float sink = c->sinks ? c->sinks[head] : -INFINITY, max_score = sink, total = 0.0f;
-        for (int64_t j = 0; j < c->length; j++) {
-            scores[j] = dot(q, keys + j * c->head_dim, c->head_dim) * c->scale;
-            max_score = scores[j] > max_score ? scores[j] : max_score;
+        for (int64_t g = 0; g < n; g++)
+            rotate(c->qkv + (b * (c->heads + 2 * c->kv_heads) + (first + g) % c->heads) * head_dim, c->cos, c->sin,
+                   head_dim, q + g * head_dim);
+        for (int64_t j0 = 0; j0 < length; j0 += ATTENTION_SPAN) {
+            const int64_t j1 = j0 + ATTENTION_SPAN < length ? j0 + ATTENTION_SPAN : length;
+            for (int64_t g = 0; g < n; g++)
+                for (int64_t j = j0; j < j1; j++)
+                    scores[g * length + j] = dot(q + g * head_dim, keys + j * head_dim, head_dim) * c->scale;
         }
-        if (c->sinks)
-            total = expf(sink - max_score);
-        for (int64_t j = 0; j < c->length; j++)
-            total += scores[j] = expf(scores[j] - max_score);
-        for (int64_t j = 0; j < c->length; j++)
-            scores[j] /= total;
-        weighted_sum(scores, values, c->length, c->head_dim, out);
+        for (int64_t g = 0; g < n; g++) {
+            float *p = scores + g * length;
+            /* A sink (gpt-oss) is one more logit in the softmax's denominator whose value is dropped: the head
+             * may give a token less than all of its attention. */
+            float sink = c->sinks ? c->sinks[(first + g) % c->heads] : -INFINITY, max_score = sink, total = 0.0f;
+            for (int64_t j = 0; j < length; j++)
+                max_score = p[j] > max_score ? p[j] : max_score;
+            if (c->sinks)
+                total = expf(sink - max_score);
+            for (int64_t j = 0; j < length; j++)
+                total += p[j] = expf(p[j] - max_score);
+            for (int64_t j = 0; j < length; j++)
+                p[j] /= total;
+            memset(c->out + (first + g) * head_dim, 0, head_dim * sizeof *c->out);
+        }
+        for (int64_t j0 = 0; j0 < length; j0 += ATTENTION_SPAN) {
+            const int64_t j1 = j0 + ATTENTION_SPAN < length ? j0 + ATTENTION_SPAN : length;
+            for (int64_t g = 0; g < n; g++)
+                weighted_sum(scores + g * length + j0, values + j0 * head_dim, j1 - j0, head_dim,
+                             c->out + (first + g) * head_dim);
+        }
     }
     free(scores);
 }
