@@ -218,7 +218,10 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
         const int64_t expert = call->groups[g][0], tokens = call->groups[g][1];
         for (int64_t tile = r0; tile < r1; tile += ROW_TILE) {
             const int64_t tile_end = tile + ROW_TILE < r1 ? tile + ROW_TILE : r1;
-            for (int64_t t = 0; t < tokens; t += MAX_TOKENS) {
+            /* passes of about equal size (9 tokens as 5 and 4, not 8 and 1: a pass of few tokens is slow) */
+            const int64_t passes = (tokens + MAX_TOKENS - 1) / MAX_TOKENS;
+            for (int64_t pass = 0, t = 0; pass < passes; pass++) {
+                const int64_t pass_tokens = (tokens - t) / (passes - pass);
                 struct mxfp4_job job = call->job;
                 job.qs += expert * call->qs_expert;
                 job.scales += expert * call->scale_expert;
@@ -227,7 +230,7 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
                 else
                     job.x += (first + t) * job.cols;
                 job.y += (first + t) * rows;
-                job.tokens = tokens - t < MAX_TOKENS ? (int)(tokens - t) : MAX_TOKENS;
+                job.tokens = (int)pass_tokens;
                 /* the token count a constant, so that the accumulators live in registers */
 #define ROWS(kernel) switch (job.tokens) { \
                 case 1: kernel(&job, 1, tile, tile_end); break; case 2: kernel(&job, 2, tile, tile_end); break; \
@@ -239,6 +242,7 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
                 else
                     ROWS(mxfp4_rows_tokens)
 #undef ROWS
+                t += pass_tokens;
             }
         }
         if (call->bias)
