@@ -12,11 +12,11 @@ import trillm
 from trillm.bench import gguf_bytes_per_token
 from trillm.checkpoint.pages import file_mapping
 from trillm.engine import Session, decode_one_token, prefill
-from trillm.errors import CheckpointError
+from trillm.errors import CheckpointError, TrillmError
 from trillm.synth.gpt_oss import gpt_oss_config, has_vocabulary, write_gpt_oss, write_gpt_oss_gguf
 from trillm.weights.ggml import GGMLLinear
 from trillm.weights import weight_bytes_per_token
-from trillm.weights.mxfp4 import MXFP4Experts
+from trillm.weights.mxfp4 import MXFP4Experts, has_bf16_kernel
 
 SMALL = dict(vocab_size=300, max_position_embeddings=512, pad_token_id=None)  # no tokenizer: the real vocabulary is 201088 wide
 
@@ -54,10 +54,12 @@ def test_logits_match_transformers(checkpoint):
     assert expected.std() > 1
     exact = trillm.load(folder, expert_activations="float32").forward(ids)
     torch.testing.assert_close(exact, expected, atol=1e-4, rtol=1e-4)
-    # the default, int8 activations for the experts (as llama.cpp): their rounding moves the logits a little
-    rounded = trillm.load(folder).forward(ids)
-    assert 0 < (rounded - expected).abs().mean() < 0.02 * expected.std()
-    assert (rounded.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    # the experts' activations rounded to 8 bits (int8 as llama.cpp; bf16 for prompts where the CPU has it,
+    # the default): the rounding moves the logits a little
+    for activations in (None, "int8", *(["bf16"] if has_bf16_kernel() else [])):
+        rounded = trillm.load(folder, expert_activations=activations).forward(ids)
+        assert 0 < (rounded - expected).abs().mean() < 0.02 * expected.std(), activations
+        assert (rounded.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9, activations
 
 
 def test_cached_decode_through_ring_caches_matches_transformers(checkpoint):
@@ -132,3 +134,20 @@ def test_the_tiny_preset_has_the_real_vocabulary(tmp_path):
     folder_ids = trillm.load(folder).tokenizer.encode(text, add_special_tokens=False)
     assert folder_ids[:3] == [13225, 11, 2375] and 200006 in folder_ids and 200008 in folder_ids
     assert trillm.load(path).tokenizer.encode(text, add_special_tokens=False) == folder_ids
+
+
+def test_bf16_activations_need_a_cpu_that_has_them(tmp_path, monkeypatch):
+    from trillm.native import build
+
+    if "avx2" not in build.runnable_levels():
+        pytest.skip("this CPU runs no AVX2 kernels")
+    folder = write_gpt_oss(tmp_path, config_of("tiny"))
+    monkeypatch.setenv("TRILLM_ISA", "avx2")  # a level without the bf16 kernel
+    build.load.cache_clear()
+    try:
+        with pytest.raises(TrillmError, match="AVX512-BF16"):
+            trillm.load(folder, expert_activations="bf16")
+        trillm.load(folder)  # the default takes int8 there
+    finally:
+        monkeypatch.undo()
+        build.load.cache_clear()

@@ -7,12 +7,15 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from trillm.weights import make_experts, weight_bytes_per_token
 from trillm.weights.mxfp4 import (
+    ACTIVATIONS,
     GGUF_BLOCK_BYTES,
     MXFP4Experts,
     MXFP4Tensor,
     ReferenceMXFP4Experts,
     check_mxfp4,
+    has_bf16_kernel,
     mxfp4_to_float,
+    round_activations,
 )
 
 
@@ -53,15 +56,18 @@ def test_bad_banks_are_refused():
             check_mxfp4(broken)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("activations", list(ACTIVATIONS))
 @pytest.mark.parametrize("layout", ["hf", "gguf"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 11])
-def test_kernel_equals_reference(native_level, layout, tokens, int8):
+def test_kernel_equals_reference(native_level, layout, tokens, activations):
+    if activations == "bf16" and not has_bf16_kernel():
+        pytest.skip(f"no bf16 kernel at the {native_level} level on this CPU")
     for experts, rows, cols in [(2, 7, 32), (4, 33, 96), (3, 64, 2880), (2, 230, 256)]:  # 230: several row tiles
         bank = random_bank(experts, rows, cols, seed=rows)
         bank = as_gguf(bank) if layout == "gguf" else bank
         bias = torch.randn(experts, rows)
-        native, reference = MXFP4Experts(bank, bias, 2, int8), ReferenceMXFP4Experts(bank, bias, 2, int8)
+        native = MXFP4Experts(bank, bias, 2, activations)
+        reference = ReferenceMXFP4Experts(bank, bias, 2, activations)
         x = torch.randn(tokens, cols)
         # a block whose int8 scale is 1 and whose values are halves: they round to even, as the twin does
         x[0, :32] = torch.arange(32) - 15.5
@@ -78,6 +84,28 @@ def test_kernel_equals_reference(native_level, layout, tokens, int8):
         expected = reference(rows, groups)
         scale = (rows.abs() @ mxfp4_to_float(bank).abs().amax(0).T).max().item()
         torch.testing.assert_close(native(rows, groups), expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_prompts_take_the_prompt_activations(native_level):
+    """A call of 4 rows or more an expert (a prompt's) takes prompt_activations, a decode step's the others."""
+    bank = random_bank(3, 16, 64)
+    exact, int8 = ReferenceMXFP4Experts(bank, None, 2, "float32"), ReferenceMXFP4Experts(bank, None, 2, "int8")
+    for module in (MXFP4Experts(bank, None, 2, "float32", "int8"), ReferenceMXFP4Experts(bank, None, 2, "float32", "int8")):
+        for x, groups, expected in [(torch.randn(2, 64), [[0, 1], [2, 1]], exact),
+                                    (torch.randn(3, 64), [[1, 3]], exact),
+                                    (torch.randn(9, 64), [[0, 4], [1, 5]], int8)]:
+            groups = torch.tensor(groups)
+            torch.testing.assert_close(module(x, groups), expected(x, groups), rtol=1e-5, atol=1e-3)
+    x = torch.randn(3, 64)
+    assert not torch.equal(round_activations(x, "int8"), x) and not torch.equal(round_activations(x, "bf16"), x)
+    assert torch.equal(round_activations(x, "bf16"), x.bfloat16().float())
+
+
+def test_bf16_is_refused_where_there_is_no_kernel(native_level):
+    if has_bf16_kernel():
+        pytest.skip(f"this CPU has the bf16 kernel at the {native_level} level")
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        MXFP4Experts(random_bank(2, 4, 32), None, 1, "int8", "bf16")
 
 
 def test_every_other_row_of_a_bank_is_a_bank(native_level):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trillm.checkpoint.fields import Fields
-from trillm.errors import CheckpointError
+from trillm.errors import CheckpointError, TrillmError
 from trillm.models.layers import (
     Block,
     DecoderConfig,
@@ -32,8 +32,10 @@ from trillm.models.layers import (
     yarn_mscale,
 )
 from trillm.models.loading import load_ends, load_layers, read_norm, rope_frequencies
+from trillm.native.build import load
 from trillm.weights import GGMLTensor, MXFP4Tensor, make_experts, make_linear
 from trillm.weights.head import restore_dense
+from trillm.weights.mxfp4 import has_bf16_kernel
 
 
 @dataclass
@@ -145,14 +147,14 @@ class MLP(nn.Module):
     down(clamped_swiglu(gate(x), up(x))), gate and up one projection whose even outputs are the gate's and
     odd ones the up's (the release's order), every projection with a bias."""
 
-    def __init__(self, config: GptOssConfig, w: dict, int8_activations: bool):
+    def __init__(self, config: GptOssConfig, w: dict, activations: tuple[str, str]):
         super().__init__()
         self.experts_per_token = config.experts_per_token
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = make_linear(w["router"], w["router_bias"].float())
         k = config.experts_per_token
-        self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k, int8_activations)
-        self.down_proj = make_experts(w["down"], w["down_bias"], k, int8_activations)
+        self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k, *activations)
+        self.down_proj = make_experts(w["down"], w["down_bias"], k, *activations)
 
     def experts(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, groups)
@@ -163,12 +165,12 @@ class MLP(nn.Module):
         return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token, self.experts).view(x.shape)
 
 
-def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, int8_activations: bool) -> Block:
+def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, activations: tuple[str, str]) -> Block:
     eps = config.rms_norm_eps
     return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
                  attention=Attention(config, w, config.windows[layer]),
                  mlp_norm=RMSNorm(w["mlp_norm"], eps),
-                 mlp=MLP(config, w, int8_activations))
+                 mlp=MLP(config, w, activations))
 
 
 # ---- Loading: the release's names and MXFP4 blocks, and llama.cpp's ------------------------------------------
@@ -221,18 +223,30 @@ def layer_shapes(c: GptOssConfig) -> dict:
     }
 
 
-EXPERT_ACTIVATIONS = ("int8", "float32")
+EXPERT_ACTIVATIONS = ("int8", "bf16", "float32")
+
+
+def expert_activations_of(choice: str | None) -> tuple[str, str]:
+    """(decode, prompt) activations of the MXFP4 experts (weights/mxfp4.py: ACTIVATIONS) for a user's choice:
+    one for both, or None: int8 for decode steps, and for prompts bf16 where this CPU has it, else int8."""
+    if choice == "bf16" and load() is not None and not has_bf16_kernel():
+        raise TrillmError("--expert-activations bf16 needs a CPU with AVX512-BF16 (this one lacks it): "
+                          "use int8 or float32")
+    if choice is not None:
+        return choice, choice
+    return "int8", "bf16" if has_bf16_kernel() else "int8"
 
 
 def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
                  expert_activations: str | None = None) -> Transformer:
     """Build gpt-oss from the release's folder or a GGUF file, checking every tensor's shape. The experts
-    stay in the file's memory map, MXFP4 as stored, multiplied with `expert_activations` "int8" (the
-    default: as llama.cpp does, faster) or "float32" (exact); `dense` "q8_0" re-stores the attention
+    stay in the file's memory map, MXFP4 as stored, multiplied with `expert_activations` "int8" (as
+    llama.cpp does), "bf16" (CPUs with AVX512-BF16), "float32" (exact, slower), or None: the fastest of
+    these 8-bit forms for decode steps and prompts (expert_activations_of); `dense` "q8_0" re-stores the attention
     projections and, unless `head` says otherwise, the output head in Q8_0 (weights/head.py)."""
     if expert_activations not in (None, *EXPERT_ACTIVATIONS):
         raise ValueError(f"unknown expert activations {expert_activations!r} (choose from {', '.join(EXPERT_ACTIVATIONS)})")
-    int8_activations = expert_activations != "float32"
+    activations = expert_activations_of(expert_activations)
     gguf = checkpoint.kind == "gguf"
     if gguf:
         config = GptOssConfig.from_gguf(checkpoint.metadata, checkpoint.names(), checkpoint.path)
@@ -251,7 +265,7 @@ def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
 
     def make_block(w: dict, layer: int) -> Block:
         w.update(experts_from_gguf(w) if gguf else experts_from_release(w, config))
-        return gpt_oss_block(config, w, layer, int8_activations)
+        return gpt_oss_block(config, w, layer, activations)
 
     embedding, output_head, norm = load_ends(checkpoint, config, head or dense)
     blocks = load_layers(checkpoint, config, table, layer_shapes(config), read, make_block, copied=("q", "k", "v"))

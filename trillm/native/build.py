@@ -176,6 +176,7 @@ def open_library(path: Path) -> ctypes.CDLL:
         "trillm_decode_rows": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
         "trillm_vector_floats": ([], ctypes.c_int),
         # mxfp4.c
+        "trillm_mxfp4_has_bf16": ([], ctypes.c_int),
         "trillm_mxfp4_experts": ([ctypes.c_int, ctypes.c_int, pointer, size, size, size, pointer, size, size, size,
                                   size, size, size, pointer, pointer, size, pointer, size, pointer], ctypes.c_int),
         # ternary.c

@@ -65,18 +65,19 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
 
 
 def make_experts(weight: MXFP4Tensor | list[MXFP4Tensor], bias: torch.Tensor | None, experts_per_token: int,
-                 int8_activations: bool = False) -> nn.Module:
+                 activations: str = "int8", prompt_activations: str | None = None) -> nn.Module:
     """The experts of a mixture-of-experts layer, a bank (experts, out_features, in_features) as stored, with
     their biases (experts, out_features); a decode step reads `experts_per_token` of them. A list of banks
     is their rows interleaved, the first's row 0, the second's row 0, ... (gpt-oss's release keeps its gate
-    and up rows so, in one bank; llama.cpp's GGUF in two). `int8_activations`: see MXFP4Experts."""
+    and up rows so, in one bank; llama.cpp's GGUF in two). `activations`, `prompt_activations`: see
+    MXFP4Experts."""
     if isinstance(weight, list):
         biases = [None] * len(weight) if bias is None else bias.unflatten(1, (-1, len(weight))).unbind(2)
-        return InterleavedExperts([make_experts(bank, part_bias, experts_per_token, int8_activations)
+        return InterleavedExperts([make_experts(bank, part_bias, experts_per_token, activations, prompt_activations)
                                    for bank, part_bias in zip(weight, biases)])
     if isinstance(weight, MXFP4Tensor):
         experts = MXFP4Experts if load() is not None else ReferenceMXFP4Experts
-        return experts(weight, bias, experts_per_token, int8_activations)
+        return experts(weight, bias, experts_per_token, activations, prompt_activations)
     raise TypeError(f"no experts module for a {type(weight).__name__}")
 
 

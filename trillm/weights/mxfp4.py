@@ -71,15 +71,44 @@ def mxfp4_to_float(weight: MXFP4Tensor, expert: int | None = None) -> torch.Tens
     return decoded if expert is None else decoded[0]
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x (..., cols) as the int8 kernel sees it, dequantized: per block of 32, q = round_half_even(x * (127 /
-    max|x|)) and x ~ q * max|x| / 127, operation for operation as csrc/mxfp4.c's quantize_q8_row (llama.cpp's
-    Q8_0 activations, but for its rounding of halves and its scale kept in float32, not fp16)."""
+# The activations the experts' products take: "int8" blocks (as llama.cpp's MXFP4 x Q8_0), "bf16" (CPUs
+# with AVX512-BF16; for prompts, where it is the fastest), or "float32" as given (exact, slower). The numbers
+# are csrc/mxfp4.c's ACTIVATIONS_*.
+ACTIVATIONS = {"float32": 0, "int8": 1, "bf16": 2}
+# A call takes its prompt activations when its rows average this many a routed expert (a prompt's tokens
+# share experts; a decode step's rows meet one expert each).
+PROMPT_ROWS_PER_EXPERT = 4
+
+
+def has_bf16_kernel() -> bool:
+    """Whether the native library and this CPU multiply bfloat16 activations (AVX512-BF16)."""
+    lib = load()
+    return lib is not None and lib.trillm_mxfp4_has_bf16() == 1
+
+
+def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
+    """x (..., cols) as the kernel taking `activations` sees it, as float32. int8: per block of 32,
+    q = round_half_even(x * (127 / max|x|)) and x ~ q * max|x| / 127, operation for operation as csrc/mxfp4.c's
+    quantize_q8_row (llama.cpp's Q8_0 activations, but for its rounding of halves and its scale kept in
+    float32, not fp16); bf16: rounded to bfloat16 (to nearest even); float32: as given."""
+    if activations == "bf16":
+        return x.to(torch.bfloat16).float()
+    if activations == "float32":
+        return x.float()
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     absmax = blocks.abs().amax(dim=-1, keepdim=True)
     scale = torch.tensor(127.0) / absmax  # a division, as in C (torch computes 127 / absmax as 127 * (1 / absmax))
     q = (blocks * torch.where(absmax > 0, scale, 0.0)).round()
     return (q * (absmax / 127)).flatten(-2)
+
+
+def check_activations(activations: str, prompt_activations: str, native: bool):
+    for name in (activations, prompt_activations):
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activations {name!r} (choose from {', '.join(ACTIVATIONS)})")
+        if name == "bf16" and native and not has_bf16_kernel():
+            raise ValueError("bf16 expert activations need a CPU with AVX512-BF16 (and TRILLM_ISA=avx512); "
+                             "this one has no such kernel: use int8 or float32")
 
 
 def stored_bytes(weight: MXFP4Tensor) -> int:
@@ -90,20 +119,23 @@ class MXFP4Experts(nn.Module):
     """The experts of a layer, by the native kernel straight from the stored blocks: forward(x, groups) with x
     float32 (n, cols) and groups int64 (g, 2) of (expert e, count), x's rows in that order, the first group's
     count of them, then the next's, is x W_e^T + b_e for each row, (n, rows): one call for all the experts
-    a layer's tokens are routed to. A decode step reads `experts_per_token` of them. With
-    `int8_activations` x is quantized per block of 32 first (quantize_activations) and the products are
-    integers: about twice as fast (the float kernel is compute-bound), at the cost of that rounding."""
+    a layer's tokens are routed to. A decode step reads `experts_per_token` of them.
+
+    `activations` (see ACTIVATIONS) is what x is rounded to first; `prompt_activations` (None: the same)
+    for calls of PROMPT_ROWS_PER_EXPERT rows or more an expert. int8 is about twice as fast as float32 (whose
+    kernel is compute-bound), bf16 a prompt's 1.3-1.5x faster than int8 again, at the cost of that rounding."""
 
     def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
-                 int8_activations: bool = False):
+                 activations: str = "int8", prompt_activations: str | None = None):
         super().__init__()
         check_mxfp4(weight)
         lib = load()
         if lib is None:
             raise RuntimeError("the native kernels are unavailable; use ReferenceMXFP4Experts instead")
+        self.activations, self.prompt_activations = activations, prompt_activations or activations
+        check_activations(self.activations, self.prompt_activations, native=True)
         self.weight = weight
         self.bias = None if bias is None else bias.float().contiguous()
-        self.int8_activations = int8_activations
         self.num_experts, self.out_features, self.in_features = weight.shape
         codes = weight.codes
         if weight.scales is None:  # GGUF: the scale at byte 0 of each 17-byte block, its codes after it
@@ -115,8 +147,10 @@ class MXFP4Experts(nn.Module):
             layout = (1, codes.data_ptr(), 16, codes.stride(1), codes.stride(0),
                       scales.data_ptr(), 1, scales.stride(1), scales.stride(0))
         interleaved, *strides = layout
-        self._matmul = functools.partial(lib.trillm_mxfp4_experts, interleaved, int8_activations, *strides,
-                                         *weight.shape, None if self.bias is None else self.bias.data_ptr())
+        bias_address = None if self.bias is None else self.bias.data_ptr()
+        self._matmuls = {name: functools.partial(lib.trillm_mxfp4_experts, interleaved, ACTIVATIONS[name], *strides,
+                                                 *weight.shape, bias_address)
+                         for name in {self.activations, self.prompt_activations}}
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
@@ -126,34 +160,39 @@ class MXFP4Experts(nn.Module):
         x = x.float().contiguous()
         groups = groups.to(torch.int64).contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        if self._matmul(groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
+        prompt = x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
+        matmul = self._matmuls[self.prompt_activations if prompt else self.activations]
+        if matmul(groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
             raise ValueError(f"expert groups {groups.tolist()} for {x.shape[0]} rows: this bank has experts "
                              f"0 to {self.num_experts - 1}, and the counts must sum to the rows")
         return y
 
 
 class ReferenceMXFP4Experts(nn.Module):
-    """MXFP4Experts' reference twin: the expert decoded in PyTorch on every call, then a float32 matmul (of
-    the activations as the int8 kernel rounds them, with `int8_activations`)."""
+    """MXFP4Experts' reference twin: each expert decoded in PyTorch on every call, then a float32 matmul of
+    the activations rounded as the kernel rounds them."""
 
     def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
-                 int8_activations: bool = False):
+                 activations: str = "int8", prompt_activations: str | None = None):
         super().__init__()
         check_mxfp4(weight)
+        self.activations, self.prompt_activations = activations, prompt_activations or activations
+        check_activations(self.activations, self.prompt_activations, native=False)
         self.weight = weight
         self.bias = None if bias is None else bias.float()
-        self.int8_activations = int8_activations
         self.num_experts, self.out_features, self.in_features = weight.shape
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        prompt = x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
+        activations = self.prompt_activations if prompt else self.activations
         outputs, first = [], 0
         for expert, count in groups.tolist():
             if not 0 <= expert < self.num_experts or count < 0:
                 raise ValueError(f"expert {expert} ({count} rows) of a bank of {self.num_experts}")
             x_group = x[first:first + count]
-            x_group = quantize_activations(x_group) if self.int8_activations else x_group.float()
+            x_group = round_activations(x_group, activations)
             outputs.append(F.linear(x_group, mxfp4_to_float(self.weight, expert),
                                     None if self.bias is None else self.bias[expert]))
             first += count
