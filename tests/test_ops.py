@@ -27,6 +27,17 @@ def test_squared_relu_glu_equals_reference(native_level, shape):
     assert torch.equal(ops.reference_squared_relu_glu(gate_up), torch.relu(gate) ** 2 * up)
 
 
+@pytest.mark.parametrize("shape", [(1, 2), (3, 7, 64), (5760,)])
+def test_clamped_swiglu_equals_reference(native_level, shape):
+    generator = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(shape, generator=generator) * 6  # past the limit of 7 now and then
+    gate_up.view(-1)[:6] = torch.tensor([float("nan"), 100.0, -100.0, float("nan"), 0.0, -0.0])[:gate_up.numel()]
+    out, expected = ops.clamped_swiglu(gate_up, 1.702, 7.0), ops.reference_clamped_swiglu(gate_up, 1.702, 7.0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    gate, up = gate_up[..., 0::2].clamp(max=7.0), gate_up[..., 1::2].clamp(-7.0, 7.0)  # the formula, written out
+    torch.testing.assert_close(expected, (up + 1) * gate / (1 + torch.exp(-1.702 * gate)), equal_nan=True)
+
+
 @pytest.mark.parametrize("batch, heads, kv_heads, head_dim, position", [
     (1, 9, 3, 64, 0), (1, 9, 3, 64, 37), (2, 6, 6, 10, 300), (1, 4, 1, 24, 2000), (3, 5, 5, 18, 5),
     (1, 20, 5, 128, 90), (2, 4, 2, 80, 33)])

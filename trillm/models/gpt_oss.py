@@ -32,6 +32,7 @@ from trillm.models.layers import (
     yarn_mscale,
 )
 from trillm.models.loading import load_ends, load_layers, read_norm, rope_frequencies
+from trillm.native import ops
 from trillm.native.build import load
 from trillm.weights import GGMLTensor, MXFP4Tensor, make_experts, make_linear
 from trillm.weights.head import restore_dense
@@ -134,18 +135,12 @@ class Attention(nn.Module):
         return self.o_proj(self_attention(qkv, rope, cache, layer, start, self.num_heads, self.sinks, self.window))
 
 
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's gated activation: (up + 1) * gate * sigmoid(alpha * gate), the gate clamped from above and
-    the up projection on both sides at `limit`."""
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
 class MLP(nn.Module):
     """The mixture of experts: a router picks experts_per_token experts a token; each expert is
     down(clamped_swiglu(gate(x), up(x))), gate and up one projection whose even outputs are the gate's and
-    odd ones the up's (the release's order), every projection with a bias."""
+    odd ones the up's (the release's order), every projection with a bias. The clamped SwiGLU is
+    (up + 1) * gate * sigmoid(alpha * gate), the gate clamped from above and up on both sides at `limit`
+    (ops.reference_clamped_swiglu)."""
 
     def __init__(self, config: GptOssConfig, w: dict, activations: tuple[str, str]):
         super().__init__()
@@ -158,7 +153,7 @@ class MLP(nn.Module):
 
     def experts(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, groups)
-        return self.down_proj(clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], self.alpha, self.limit), groups)
+        return self.down_proj(ops.clamped_swiglu(gate_up, self.alpha, self.limit), groups)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])

@@ -45,6 +45,25 @@ def reference_squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.relu(gate).square() * up
 
 
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated activation over gate_up (..., 2 * dim) whose even channels are the gate's and odd ones
+    the up projection's: (up + 1) * gate * sigmoid(alpha * gate), the gate clamped from above and the up
+    projection on both sides at `limit`. Equal to the twin up to the last bit of the sigmoid's exp."""
+    lib = load()
+    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
+        return reference_clamped_swiglu(gate_up, alpha, limit)
+    dim = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], dim)
+    lib.trillm_clamped_swiglu(gate_up.data_ptr(), out.numel() // dim, dim, alpha, limit, out.data_ptr())
+    return out
+
+
+def reference_clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, position: int, num_heads: int, sinks: torch.Tensor | None = None,
                      window: int | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 /* The steps of a decoder layer that are not matmuls but would cost the most torch calls in a decode step:
- * RMSNorm, BitNet's squared-ReLU GLU, and the attention of one new token (RoPE, the KV cache's update,
+ * RMSNorm, BitNet's squared-ReLU GLU, gpt-oss's clamped SwiGLU, and the attention of one new token (RoPE, the KV cache's update,
  * attention over the cache). Their bindings and PyTorch twins are trillm/native/ops.py's rms_norm,
- * squared_relu_glu and attend_one_token, and the tests hold each to its twin.
+ * squared_relu_glu, clamped_swiglu and attend_one_token, and the tests hold each to its twin.
  */
 #include <stdlib.h>
 
@@ -40,6 +40,18 @@ void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, 
             float relu = gate[i] < 0.0f ? 0.0f : gate[i]; /* NaN stays NaN, as in torch */
             out[t * dim + i] = relu * relu * up[i];
         }
+    }
+}
+
+/* out = (clamp(up, -limit, limit) + 1) * g sigmoid(alpha g), g = min(gate, limit), for each of `rows` rows of
+ * gate_up = [gate 0, up 0, gate 1, up 1, ...] (2 dim): gpt-oss's clamped SwiGLU, its release's interleaved
+ * order. NaN stays NaN, as in torch's clamp. */
+void trillm_clamped_swiglu(const float *gate_up, int64_t rows, int64_t dim, float alpha, float limit, float *out) {
+    for (int64_t i = 0; i < rows * dim; i++) {
+        float gate = gate_up[2 * i], up = gate_up[2 * i + 1];
+        gate = gate > limit ? limit : gate;
+        up = up > limit ? limit : up < -limit ? -limit : up;
+        out[i] = (up + 1.0f) * (gate * (1.0f / (1.0f + expf(-(gate * alpha)))));
     }
 }
 
