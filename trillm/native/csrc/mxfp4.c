@@ -25,6 +25,10 @@
 #include "kernels.h"
 
 #define MXFP4_BLOCK 32
+/* How far ahead of the block in hand its row's codes are asked for: a decode step streams each expert's rows
+ * once, and on its own the hardware fetched them late (measured, Zen 4: one thread 11-12 GB/s without, 14
+ * with; two threads 21 and 22-26). */
+#define PREFETCH_BYTES 2048
 
 /* The E8M0 scales 2^(s - 127) as floats, looked up: fewer instructions a block than moving the bits into an
  * exponent. s = 0 is 2^-127, a float32 subnormal; 255, NaN in the spec, reads as infinity. */
@@ -76,6 +80,7 @@ static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const i
         int64_t b = 0;
         for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block,
                                    x += sets * MXFP4_BLOCK) {
+            __builtin_prefetch(block + PREFETCH_BYTES);
             mxfp4_block(block, e8m0_values[*scale], x, cols, tokens, acc, 0);
             if (sets == 2)
                 mxfp4_block(block + job->qs_block, e8m0_values[scale[job->scale_block]], x + MXFP4_BLOCK, cols, tokens, acc, 1);
@@ -189,6 +194,7 @@ static ALWAYS_INLINE void mxfp4_rows_tokens_int8(const struct mxfp4_job *job, co
         const uint8_t *block = qs, *scale = scales;
         int64_t b = 0;
         for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block) {
+            __builtin_prefetch(block + PREFETCH_BYTES);
             q8_block_into(block, e8m0_values[*scale], x8, b, tokens, acc[0]);
             if (sets == 2)
                 q8_block_into(block + job->qs_block, e8m0_values[scale[job->scale_block]], x8, b + 1, tokens, acc[1]);
