@@ -207,50 +207,96 @@ static ALWAYS_INLINE void mxfp4_rows_tokens_int8(const struct mxfp4_job *job, co
 }
 
 /* ---- bfloat16 activations (CPUs with AVX512-BF16), for prompts ----------------------------------------------
- * A block's 32 weights decoded once to bfloat16 (FP4 values times a power of two are exact in it) serve each
- * token in one dot-product instruction, where the int8 kernel spends four a token; the activations rounded
- * to bfloat16 (8 significant bits a value). Slower than int8 for one token a block (the decode is the work),
- * about 1.25x faster for 4 to 8 (measured, 2 threads, Zen 4). */
+ * A tile of rows is decoded once to bfloat16 (FP4 values times a power of two are exact in it) into a
+ * buffer that stays in L2, then every token routed to the expert multiplies it, a register tile of up to 4
+ * rows by 6 tokens a pass: one dot-product instruction a row, token and block of 32 (the int8 kernel spends
+ * four, and decodes its block again for each 8 tokens). The activations are rounded to bfloat16 (8
+ * significant bits a value). For prompts only: with one token a block, the decode is the work. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && __GNUC__ >= 11
 #define MXFP4_BF16 1
+#define BF16_TILE_BYTES (192 * 1024) /* the decoded rows of a tile, kept in L2 while the tokens meet them */
+#define BF16_ROWS 4
+#define BF16_TOKENS 6
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 static const float FP4_FLOATS[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-static inline __attribute__((always_inline)) void mxfp4_rows_tokens_bf16(const struct mxfp4_job *job, const int tokens,
-                                                                         int64_t r0, int64_t r1) {
+/* Rows r0..r0+n of the job's expert decoded to bfloat16, (n, cols), each block's 32 in the kernel's lane order. */
+static void decode_tile_bf16(const struct mxfp4_job *job, int64_t r0, int64_t n, uint16_t *decoded) {
     const int64_t cols = job->cols, blocks = cols / MXFP4_BLOCK;
     const __m512 values = _mm512_loadu_ps(FP4_FLOATS);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *block = job->qs + r * job->qs_row, *scale = job->scales + r * job->scale_row;
-        __m512 acc[MAX_TOKENS];
-        for (int t = 0; t < tokens; t++)
-            acc[t] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *block = job->qs + (r0 + r) * job->qs_row, *scale = job->scales + (r0 + r) * job->scale_row;
         for (int64_t b = 0; b < blocks; b++, block += job->qs_block, scale += job->scale_block) {
             __builtin_prefetch(block + PREFETCH_BYTES);
             __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(values, _mm512_set1_ps(e8m0_values[*scale])));
-            __m512i weights = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(fp4_nibbles(block)),
-                                                       _mm512_castsi256_si512((__m256i)table));
-#pragma GCC unroll 8
-            for (int t = 0; t < tokens; t++)
-                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)weights,
-                                          (__m512bh)_mm512_loadu_si512(job->x16 + t * cols + b * MXFP4_BLOCK));
+            _mm512_storeu_si512(decoded + r * cols + b * MXFP4_BLOCK,
+                                _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(fp4_nibbles(block)),
+                                                         _mm512_castsi256_si512((__m256i)table)));
         }
-        for (int t = 0; t < tokens; t++)
-            job->y[t * job->y_stride + r] = _mm512_reduce_add_ps(acc[t]);
     }
 }
 
-/* one function a token count, so that the accumulators live in registers */
-#define BF16_ROWS(n) static void mxfp4_rows_bf16_##n(const struct mxfp4_job *job, int64_t r0, int64_t r1) { \
-    mxfp4_rows_tokens_bf16(job, n, r0, r1); }
-BF16_ROWS(1) BF16_ROWS(2) BF16_ROWS(3) BF16_ROWS(4) BF16_ROWS(5) BF16_ROWS(6) BF16_ROWS(7) BF16_ROWS(8)
-#undef BF16_ROWS
+/* y[t * y_stride + r] = decoded row r . x16 row t for `rows` rows and `tokens` tokens, both constants so
+ * that the rows x tokens accumulators live in registers. */
+static inline __attribute__((always_inline)) void bf16_register_tile(const uint16_t *w, const uint16_t *x, int64_t cols,
+                                                                     float *y, int64_t y_stride, const int rows,
+                                                                     const int tokens) {
+    __m512 acc[BF16_ROWS][BF16_TOKENS];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++)
+            acc[r][t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += MXFP4_BLOCK) {
+        __m512i weights[BF16_ROWS];
+        for (int r = 0; r < rows; r++)
+            weights[r] = _mm512_loadu_si512(w + r * cols + c);
+        for (int t = 0; t < tokens; t++) {
+            __m512i activations = _mm512_loadu_si512(x + t * cols + c);
+            for (int r = 0; r < rows; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)weights[r], (__m512bh)activations);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++)
+            y[t * y_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+typedef void bf16_tile_fn(const uint16_t *, const uint16_t *, int64_t, float *, int64_t);
+#define BF16_TILE(r, t) static void bf16_tile_##r##_##t(const uint16_t *w, const uint16_t *x, int64_t cols, float *y, \
+                                                        int64_t y_stride) { bf16_register_tile(w, x, cols, y, y_stride, r, t); }
+#define BF16_TILES(r) BF16_TILE(r, 1) BF16_TILE(r, 2) BF16_TILE(r, 3) BF16_TILE(r, 4) BF16_TILE(r, 5) BF16_TILE(r, 6)
+BF16_TILES(1) BF16_TILES(2) BF16_TILES(3) BF16_TILES(4)
+#define BF16_ROW_OF_TILES(r) {bf16_tile_##r##_1, bf16_tile_##r##_2, bf16_tile_##r##_3, bf16_tile_##r##_4, \
+                              bf16_tile_##r##_5, bf16_tile_##r##_6}
+static bf16_tile_fn *const bf16_tiles[BF16_ROWS][BF16_TOKENS] = {
+    BF16_ROW_OF_TILES(1), BF16_ROW_OF_TILES(2), BF16_ROW_OF_TILES(3), BF16_ROW_OF_TILES(4)};
+#undef BF16_TILE
+#undef BF16_TILES
+#undef BF16_ROW_OF_TILES
 #pragma GCC pop_options
-static void (*const mxfp4_rows_bf16[MAX_TOKENS + 1])(const struct mxfp4_job *, int64_t, int64_t) = {
-    NULL, mxfp4_rows_bf16_1, mxfp4_rows_bf16_2, mxfp4_rows_bf16_3, mxfp4_rows_bf16_4,
-    mxfp4_rows_bf16_5, mxfp4_rows_bf16_6, mxfp4_rows_bf16_7, mxfp4_rows_bf16_8};
+
+/* Rows r0..r1 of the job's expert for its `tokens` tokens (job->x16, job->y), a tile at a time. */
+static void mxfp4_rows_bf16(const struct mxfp4_job *job, int64_t tokens, int64_t r0, int64_t r1) {
+    const int64_t cols = job->cols, fit = BF16_TILE_BYTES / (cols * (int64_t)sizeof(uint16_t));
+    const int64_t tile_rows = fit < 1 ? 1 : fit; /* 33 rows of 2880 columns */
+    uint16_t decoded[tile_rows * cols]; /* at most BF16_TILE_BYTES, or one row, on the thread's stack */
+    for (int64_t tile = r0; tile < r1; tile += tile_rows) {
+        const int64_t n = tile + tile_rows < r1 ? tile_rows : r1 - tile;
+        decode_tile_bf16(job, tile, n, decoded);
+        /* passes of about equal size, as in mxfp4_chunk */
+        const int64_t passes = (tokens + BF16_TOKENS - 1) / BF16_TOKENS;
+        for (int64_t pass = 0, t = 0; pass < passes; pass++) {
+            const int64_t pass_tokens = (tokens - t) / (passes - pass);
+            for (int64_t r = 0; r < n; r += BF16_ROWS) {
+                const int64_t tile_rows = n - r < BF16_ROWS ? n - r : BF16_ROWS;
+                bf16_tiles[tile_rows - 1][pass_tokens - 1](decoded + r * cols, job->x16 + t * cols, cols,
+                                                           job->y + t * job->y_stride + tile + r, job->y_stride);
+            }
+            t += pass_tokens;
+        }
+    }
+}
 #endif
 
 /* Whether this library and this CPU have the bfloat16 kernel (ACTIVATIONS_BF16). */
@@ -284,23 +330,29 @@ struct mxfp4_call {
  * L2 (48 rows of 2880 columns are 73 KB) instead of in memory. */
 #define ROW_TILE 48
 
-/* The bfloat16 kernel's passes take as many tokens as keep their activations within this much of L1 (4 of
- * 2880 columns: measured 5-15% faster at 8 to 16 tokens than passes of 8, whose 46 KB spill to L2). */
-#define BF16_PASS_BYTES (24 * 1024)
-
 /* One thread's share of the rows of every group's expert. */
 static void mxfp4_chunk(void *arg, int chunk, int chunks) {
     const struct mxfp4_call *call = arg;
     const int64_t rows = call->rows, r0 = rows * chunk / chunks, r1 = rows * (chunk + 1) / chunks;
-    const int64_t bf16_most = BF16_PASS_BYTES / (call->job.cols * (int64_t)sizeof(uint16_t));
-    const int64_t most = !call->job.x16 ? MAX_TOKENS : bf16_most < 1 ? 1 : bf16_most > MAX_TOKENS ? MAX_TOKENS : bf16_most;
     int64_t first = 0; /* the group's first token */
     for (int64_t g = 0; g < call->n_groups; first += call->groups[g][1], g++) {
         const int64_t expert = call->groups[g][0], tokens = call->groups[g][1];
+#ifdef MXFP4_BF16
+        if (call->job.x16) {
+            struct mxfp4_job job = call->job;
+            job.qs += expert * call->qs_expert;
+            job.scales += expert * call->scale_expert;
+            job.x16 += first * job.cols;
+            job.y += first * rows;
+            if (tokens)
+                mxfp4_rows_bf16(&job, tokens, r0, r1);
+        }
+        else
+#endif
         for (int64_t tile = r0; tile < r1; tile += ROW_TILE) {
             const int64_t tile_end = tile + ROW_TILE < r1 ? tile + ROW_TILE : r1;
             /* passes of about equal size (9 tokens as 5 and 4, not 8 and 1: a pass of few tokens is slow) */
-            const int64_t passes = (tokens + most - 1) / most;
+            const int64_t passes = (tokens + MAX_TOKENS - 1) / MAX_TOKENS;
             for (int64_t pass = 0, t = 0; pass < passes; pass++) {
                 const int64_t pass_tokens = (tokens - t) / (passes - pass);
                 struct mxfp4_job job = call->job;
@@ -308,8 +360,6 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
                 job.scales += expert * call->scale_expert;
                 if (job.x8)
                     job.x8 += first + t;
-                else if (job.x16)
-                    job.x16 += (first + t) * job.cols;
                 else
                     job.x += (first + t) * job.cols;
                 job.y += (first + t) * rows;
@@ -322,10 +372,6 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
                 case 7: kernel(&job, 7, tile, tile_end); break; case 8: kernel(&job, 8, tile, tile_end); break; }
                 if (job.x8)
                     ROWS(mxfp4_rows_tokens_int8)
-#ifdef MXFP4_BF16
-                else if (job.x16)
-                    mxfp4_rows_bf16[job.tokens](&job, tile, tile_end);
-#endif
                 else
                     ROWS(mxfp4_rows_tokens)
 #undef ROWS
