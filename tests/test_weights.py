@@ -302,3 +302,22 @@ def test_factory_falls_back_to_reference_twins(fresh_native, monkeypatch):
     assert_matmul_close(layers[0](x_quantized), native_outputs[0], x_quantized, dequantize_ggml(quantized))
     assert_matmul_close(layers[1](x_dense), native_outputs[1], x_dense, dense.float())
     assert torch.equal(layers[2](ids), native_outputs[2])
+
+
+def test_prompts_in_bf16_where_asked(native_level):
+    """With prompt_bf16 a prompt's matmul rounds x, W and the product to bfloat16, the native module and its
+    twin alike; a decode step's stays the float32 kernel's."""
+    generator = torch.Generator().manual_seed(4)
+    bias = torch.randn(48, generator=generator)
+    for weight, reference in [(torch.randn(48, 64, generator=generator).bfloat16(), ReferenceDenseLinear),
+                              (random_ggml(GGMLQuantizationType.Q8_0, 48, 64), ReferenceGGMLLinear)]:
+        exact, native = make_linear(weight, bias), make_linear(weight, bias, prompt_bf16=True)
+        twin = reference(weight, bias)
+        twin.prompt_bf16 = True
+        prompt = torch.randn(KERNEL_MAX_TOKENS + 1, 64, generator=generator)
+        expected = (prompt.bfloat16() @ exact.float_weight().bfloat16().T).float() + bias
+        torch.testing.assert_close(native(prompt), expected, rtol=0, atol=0)
+        torch.testing.assert_close(twin(prompt), expected, rtol=0, atol=0)
+        assert not torch.equal(exact(prompt), native(prompt))
+        token = prompt[:1]
+        torch.testing.assert_close(native(token), exact(token), rtol=0, atol=0)

@@ -151,8 +151,9 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None, dens
     gpt-oss only: `dense` "q8_0" re-stores the attention projections and (unless `head` says otherwise) the
     head in Q8_0, as llama.cpp's GGUF files have them; None keeps them as stored. `expert_activations`
     "int8" multiplies the MXFP4 experts with activations quantized per 32, as llama.cpp does, "bf16" with
-    them rounded to bfloat16 (CPUs with AVX512-BF16), "float32" exactly (slower); None (the default): int8
-    for decode steps, and bf16 for prompts where the CPU has it (see weights/mxfp4.py).
+    them rounded to bfloat16 (CPUs with AVX512-BF16; a prompt's attention projections then multiply in
+    bfloat16 too), "float32" exactly (slower); None (the default): int8 for decode steps, and bf16 for
+    prompts where the CPU has it (see weights/mxfp4.py).
     """
     if head not in (None, *HEAD_FORMATS):
         raise TrillmError(f"invalid output head format {head!r} (choose from {', '.join(HEAD_FORMATS)})")

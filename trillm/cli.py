@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser):
                              "(default: as stored)")
     parser.add_argument("--expert-activations", default=None, choices=EXPERT_ACTIVATIONS,
                         help="gpt-oss: the MXFP4 experts' activations, int8 (as llama.cpp), bf16 (CPUs with "
-                             "AVX512-BF16) or float32 (exact, slower) (default: int8 for decoding, bf16 for prompts "
-                             "where the CPU has it)")
+                             "AVX512-BF16; a prompt's attention in bf16 too) or float32 (exact, slower) (default: "
+                             "int8 for decoding, bf16 for prompts where the CPU has it)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser):

@@ -119,14 +119,15 @@ class GptOssConfig(DecoderConfig):
 
 class Attention(nn.Module):
     """Grouped-query attention with biases, a sink logit per head, and on sliding layers a window of the
-    last `window` positions (whose cache is a ring of that many slots)."""
+    last `window` positions (whose cache is a ring of that many slots). With `prompt_bf16` a prompt's
+    projections multiply in bfloat16 (weights/linear.py: prompt_linear)."""
 
-    def __init__(self, config: GptOssConfig, w: dict, window: int | None):
+    def __init__(self, config: GptOssConfig, w: dict, window: int | None, prompt_bf16: bool):
         super().__init__()
         self.num_heads, self.head_dim, self.window = config.num_heads, config.head_dim, window
         self.qkv_proj = make_linear([w["q"], w["k"], w["v"]],
-                                    torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]).float())
-        self.o_proj = make_linear(w["o"], w["o_bias"].float())
+                                    torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]).float(), prompt_bf16=prompt_bf16)
+        self.o_proj = make_linear(w["o"], w["o_bias"].float(), prompt_bf16=prompt_bf16)
         self.sinks = w["sinks"].float().contiguous()
 
     def forward(self, x, rope, cache, layer: int, start: int):
@@ -163,7 +164,7 @@ class MLP(nn.Module):
 def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, activations: tuple[str, str]) -> Block:
     eps = config.rms_norm_eps
     return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
-                 attention=Attention(config, w, config.windows[layer]),
+                 attention=Attention(config, w, config.windows[layer], prompt_bf16=activations[1] == "bf16"),
                  mlp_norm=RMSNorm(w["mlp_norm"], eps),
                  mlp=MLP(config, w, activations))
 
@@ -223,7 +224,8 @@ EXPERT_ACTIVATIONS = ("int8", "bf16", "float32")
 
 def expert_activations_of(choice: str | None) -> tuple[str, str]:
     """(decode, prompt) activations of the MXFP4 experts (weights/mxfp4.py: ACTIVATIONS) for a user's choice:
-    one for both, or None: int8 for decode steps, and for prompts bf16 where this CPU has it, else int8."""
+    one for both, or None: int8 for decode steps, and for prompts bf16 where this CPU has it, else int8.
+    Prompts in bf16 multiply the attention projections in bf16 too (Attention)."""
     if choice == "bf16" and load() is not None and not has_bf16_kernel():
         raise TrillmError("--expert-activations bf16 needs a CPU with AVX512-BF16 (this one lacks it): "
                           "use int8 or float32")
@@ -236,8 +238,9 @@ def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
                  expert_activations: str | None = None) -> Transformer:
     """Build gpt-oss from the release's folder or a GGUF file, checking every tensor's shape. The experts
     stay in the file's memory map, MXFP4 as stored, multiplied with `expert_activations` "int8" (as
-    llama.cpp does), "bf16" (CPUs with AVX512-BF16), "float32" (exact, slower), or None: the fastest of
-    these 8-bit forms for decode steps and prompts (expert_activations_of); `dense` "q8_0" re-stores the attention
+    llama.cpp does), "bf16" (CPUs with AVX512-BF16; a prompt's attention projections in bf16 too), "float32"
+    (exact, slower), or None: the fastest of these 8-bit forms for decode steps and for prompts
+    (expert_activations_of); `dense` "q8_0" re-stores the attention
     projections and, unless `head` says otherwise, the output head in Q8_0 (weights/head.py)."""
     if expert_activations not in (None, *EXPERT_ACTIVATIONS):
         raise ValueError(f"unknown expert activations {expert_activations!r} (choose from {', '.join(EXPERT_ACTIVATIONS)})")

@@ -34,13 +34,22 @@ Weight = torch.Tensor | GGMLTensor | TernaryTensor
 
 
 def make_linear(weight: Weight | list[Weight], bias: torch.Tensor | None = None,
-                int8_activations: bool = False) -> nn.Module:
+                int8_activations: bool = False, prompt_bf16: bool = False) -> nn.Module:
     """A linear layer y = x W^T (+ bias) over weight (out_features, in_features) as stored.
 
     A list of weights is their rows stacked in order (q/k/v, gate/up): one matrix, so one matmul, when they
     share format and columns; else one layer each, their outputs concatenated (GGUF files that mix types,
     e.g. Q4_K_M with Q6_K value projections). `int8_activations` asks for the kernel that quantizes x to
-    int8 first (Q6_K only; see GGMLLinear)."""
+    int8 first (Q6_K only; see GGMLLinear); `prompt_bf16` for prompts multiplied in bfloat16 (dense and
+    GGML weights: linear.prompt_linear)."""
+    module = linear_module(weight, bias, int8_activations)
+    for part in module.modules():
+        if hasattr(part, "prompt_bf16"):
+            part.prompt_bf16 = prompt_bf16
+    return module
+
+
+def linear_module(weight: Weight | list[Weight], bias: torch.Tensor | None, int8_activations: bool) -> nn.Module:
     if isinstance(weight, list):
         if not can_concat_rows(weight):
             return StackedLinear([make_linear(part, int8_activations=int8_activations) for part in weight], bias)

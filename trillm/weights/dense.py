@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.linear import RowLinear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowLinear, prompt_linear
 
 # The kernels know the dtypes by their ggml_type numbers (csrc/kernels.h).
 TYPE_CODES = {torch.float32: int(GGMLQuantizationType.F32), torch.float16: int(GGMLQuantizationType.F16),
@@ -34,9 +34,16 @@ class DenseLinear(RowLinear):
     def float_weight(self) -> torch.Tensor:
         return self.weight if self.weight.dtype == torch.float32 else super().float_weight()
 
+    def prompt_weight(self) -> torch.Tensor:
+        # a bfloat16 weight serves a bfloat16 matmul as stored, no decode
+        return self.weight if self.prompt_bf16 and self.weight.dtype == torch.bfloat16 else self.float_weight()
+
 
 class ReferenceDenseLinear(nn.Module):
-    """DenseLinear's reference twin: the weight upcast to float32 on every call, then torch's linear."""
+    """DenseLinear's reference twin: the weight upcast to float32 on every call, then torch's linear (a
+    prompt's in bfloat16 with `prompt_bf16`, as DenseLinear)."""
+
+    prompt_bf16 = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -47,7 +54,8 @@ class ReferenceDenseLinear(nn.Module):
         self.stored_bytes = weight.numel() * weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float(), self.bias)
+        prompt = x.numel() // self.in_features > KERNEL_MAX_TOKENS
+        return prompt_linear(x.float(), self.weight, self.bias, self.prompt_bf16 and prompt)
 
 
 class DenseEmbedding(nn.Module):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear, prompt_linear
 
 
 @dataclass
@@ -317,7 +317,9 @@ class GGMLLinear(RowLinear):
 
 class ReferenceGGMLLinear(nn.Module):
     """GGMLLinear's reference twin: decodes the blocks in PyTorch on every call, then a float32 matmul (or
-    q6_k_int8_matmul where GGMLLinear would run its int8 kernel)."""
+    q6_k_int8_matmul where GGMLLinear would run its int8 kernel; a prompt's in bfloat16 with `prompt_bf16`)."""
+
+    prompt_bf16 = False
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
         super().__init__()
@@ -333,7 +335,8 @@ class ReferenceGGMLLinear(nn.Module):
         if self.int8_activations and x.numel() // self.in_features <= KERNEL_MAX_TOKENS:
             y = q6_k_int8_matmul(self.weight, x)
             return y if self.bias is None else y + self.bias
-        return F.linear(x.float(), dequantize_ggml(self.weight), self.bias)
+        prompt = x.numel() // self.in_features > KERNEL_MAX_TOKENS
+        return prompt_linear(x.float(), dequantize_ggml(self.weight), self.bias, self.prompt_bf16 and prompt)
 
 
 class GGMLEmbedding(RowEmbedding):
