@@ -93,6 +93,90 @@ static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const i
     }
 }
 
+/* Float32 prompts: a tile of rows decoded once to float32 (exact) into a buffer that stays in L2, then the
+ * group's tokens multiply it in register tiles of FLOAT_ROWS rows by FLOAT_TOKENS tokens, a multiply-add a
+ * row, token and vector: a block's decode serves all of the group's tokens, where mxfp4_rows_tokens decodes
+ * it again for every MAX_TOKENS. */
+#define FLOAT_TILE_BYTES (192 * 1024)
+#if VLEN >= 16
+#define FLOAT_ROWS 4 /* 32 registers: 24 accumulators, 4 rows of weights, an activation */
+#define FLOAT_TOKENS 6
+#else
+#define FLOAT_ROWS 2 /* AVX2's 16: 8 accumulators, 2 rows, an activation */
+#define FLOAT_TOKENS 4
+#endif
+
+static void decode_tile_float(const struct mxfp4_job *job, int64_t r0, int64_t n, float *decoded) {
+    const int64_t cols = job->cols, blocks = cols / MXFP4_BLOCK;
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *block = job->qs + (r0 + r) * job->qs_row, *scale = job->scales + (r0 + r) * job->scale_row;
+        float *out = decoded + r * cols;
+        for (int64_t b = 0; b < blocks; b++, block += job->qs_block, scale += job->scale_block, out += MXFP4_BLOCK) {
+            __builtin_prefetch(block + PREFETCH_BYTES);
+            const fp4_table table = fp4_scaled(e8m0_values[*scale]);
+#pragma GCC unroll 32
+            for (int i = 0; i < MXFP4_BLOCK / VLEN; i++)
+                vf_store(out + i * VLEN, fp4_lookup(table, fp4_codes(block, i)));
+        }
+    }
+}
+
+/* y[t * y_stride + r] = decoded row r . x row t, `rows` and `tokens` constants (registers). */
+static ALWAYS_INLINE void float_register_tile(const float *w, const float *x, int64_t cols, float *y, int64_t y_stride,
+                                              const int rows, const int tokens) {
+    vf acc[4][6]; /* the largest tile any level instantiates; a level calls those up to FLOAT_ROWS x FLOAT_TOKENS */
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++)
+            acc[r][t] = vf_zero();
+    for (int64_t c = 0; c < cols; c += VLEN) {
+        vf weights[4];
+        for (int r = 0; r < rows; r++)
+            weights[r] = vf_load(w + r * cols + c);
+        for (int t = 0; t < tokens; t++) {
+            vf activations = vf_load(x + t * cols + c);
+            for (int r = 0; r < rows; r++)
+                acc[r][t] = vf_fma(weights[r], activations, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++)
+            y[t * y_stride + r] = vf_sum(acc[r][t]);
+}
+
+typedef void float_tile_fn(const float *, const float *, int64_t, float *, int64_t);
+#define FLOAT_TILE(r, t) static void float_tile_##r##_##t(const float *w, const float *x, int64_t cols, float *y, \
+                                                          int64_t y_stride) { float_register_tile(w, x, cols, y, y_stride, r, t); }
+#define FLOAT_TILES(r) FLOAT_TILE(r, 1) FLOAT_TILE(r, 2) FLOAT_TILE(r, 3) FLOAT_TILE(r, 4) FLOAT_TILE(r, 5) FLOAT_TILE(r, 6)
+FLOAT_TILES(1) FLOAT_TILES(2) FLOAT_TILES(3) FLOAT_TILES(4)
+#define FLOAT_ROW_OF_TILES(r) {float_tile_##r##_1, float_tile_##r##_2, float_tile_##r##_3, float_tile_##r##_4, \
+                               float_tile_##r##_5, float_tile_##r##_6}
+static float_tile_fn *const float_tiles[4][6] = {
+    FLOAT_ROW_OF_TILES(1), FLOAT_ROW_OF_TILES(2), FLOAT_ROW_OF_TILES(3), FLOAT_ROW_OF_TILES(4)};
+#undef FLOAT_TILE
+#undef FLOAT_TILES
+#undef FLOAT_ROW_OF_TILES
+
+/* Rows r0..r1 of the job's expert for its `tokens` tokens (job->x, job->y), a tile at a time. */
+static void mxfp4_rows_float_tiled(const struct mxfp4_job *job, int64_t tokens, int64_t r0, int64_t r1) {
+    const int64_t cols = job->cols, fit = FLOAT_TILE_BYTES / (cols * (int64_t)sizeof(float));
+    const int64_t tile_rows = fit < 1 ? 1 : fit;
+    float decoded[tile_rows * cols]; /* at most FLOAT_TILE_BYTES, or one row, on the thread's stack */
+    for (int64_t tile = r0; tile < r1; tile += tile_rows) {
+        const int64_t n = tile + tile_rows < r1 ? tile_rows : r1 - tile;
+        decode_tile_float(job, tile, n, decoded);
+        const int64_t passes = (tokens + FLOAT_TOKENS - 1) / FLOAT_TOKENS; /* of about equal size */
+        for (int64_t pass = 0, t = 0; pass < passes; pass++) {
+            const int64_t pass_tokens = (tokens - t) / (passes - pass);
+            for (int64_t r = 0; r < n; r += FLOAT_ROWS) {
+                const int64_t tile_rows_here = n - r < FLOAT_ROWS ? n - r : FLOAT_ROWS;
+                float_tiles[tile_rows_here - 1][pass_tokens - 1](decoded + r * cols, job->x + t * cols, cols,
+                                                                 job->y + t * job->y_stride + tile + r, job->y_stride);
+            }
+            t += pass_tokens;
+        }
+    }
+}
+
 /* ---- int8 activations --------------------------------------------------------------------------------- */
 
 /* A token's activations as int8 blocks: q[b][p] for the element of block b that code p meets (the low
@@ -330,6 +414,11 @@ struct mxfp4_call {
  * L2 (48 rows of 2880 columns are 73 KB) instead of in memory. */
 #define ROW_TILE 48
 
+/* From this many tokens a group, float32 activations take the tiled kernel. */
+#ifndef FLOAT_TILE_MIN_TOKENS
+#define FLOAT_TILE_MIN_TOKENS 4
+#endif
+
 /* One thread's share of the rows of every group's expert. */
 static void mxfp4_chunk(void *arg, int chunk, int chunks) {
     const struct mxfp4_call *call = arg;
@@ -349,6 +438,15 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
         }
         else
 #endif
+        if (!call->job.x8 && tokens >= FLOAT_TILE_MIN_TOKENS) {
+            struct mxfp4_job job = call->job;
+            job.qs += expert * call->qs_expert;
+            job.scales += expert * call->scale_expert;
+            job.x += first * job.cols;
+            job.y += first * rows;
+            mxfp4_rows_float_tiled(&job, tokens, r0, r1);
+        }
+        else
         for (int64_t tile = r0; tile < r1; tile += ROW_TILE) {
             const int64_t tile_end = tile + ROW_TILE < r1 ? tile + ROW_TILE : r1;
             /* passes of about equal size (9 tokens as 5 and 4, not 8 and 1: a pass of few tokens is slow) */
