@@ -128,6 +128,13 @@ static ALWAYS_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static ALWAYS_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static ALWAYS_INLINE float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
+static ALWAYS_INLINE float vf_max_all(vf a) { return _mm512_reduce_max_ps(a); }
+static ALWAYS_INLINE vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static ALWAYS_INLINE vf vf_pow2(vf n) { /* 2^n for whole n in -126..127 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
     __m512i halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -190,6 +197,17 @@ static ALWAYS_INLINE float vf_sum(vf a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+static ALWAYS_INLINE float vf_max_all(vf a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static ALWAYS_INLINE vf vf_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static ALWAYS_INLINE vf vf_pow2(vf n) { /* 2^n for whole n in -126..127 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
     __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -236,6 +254,11 @@ static ALWAYS_INLINE vf vf_add(vf a, vf b) { return a + b; }
 static ALWAYS_INLINE vf vf_mul(vf a, vf b) { return a * b; }
 static ALWAYS_INLINE vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
 static ALWAYS_INLINE float vf_sum(vf a) { return a; }
+static ALWAYS_INLINE vf vf_max(vf a, vf b) { return a > b ? a : b; }
+static ALWAYS_INLINE vf vf_min(vf a, vf b) { return a < b ? a : b; }
+static ALWAYS_INLINE float vf_max_all(vf a) { return a; }
+static ALWAYS_INLINE vf vf_round(vf a) { return rintf(a); }
+static ALWAYS_INLINE vf vf_pow2(vf n) { return ldexpf(1.0f, (int)n); }
 static ALWAYS_INLINE vf vf_f16(const uint8_t *p) { return fp16_at(p); }
 static ALWAYS_INLINE vf vf_bf16(const uint8_t *p) {
     uint16_t h;
@@ -266,6 +289,23 @@ static ALWAYS_INLINE vi fp4_codes(const uint8_t *block, int i) { return (vi)(u32
  * 32-bit word p % 4, so byte 4 (p % 4) + p / 8, high nibble if p / 4 is odd. */
 #define MXFP4_LANE_BYTE(p) (4 * ((p) % 4) + (p) / 8)
 #define MXFP4_LANE_HIGH(p) ((p) / 4 % 2)
+
+/* e^x, within 2 ulp of expf for x in -87..88 (clamped there: below, the softmax weights it serves vanish
+ * anyway): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, times 2^n. */
+static ALWAYS_INLINE vf vf_exp(vf x) {
+    x = vf_max(vf_min(x, vf_set(88.0f)), vf_set(-87.0f));
+    const vf n = vf_round(vf_mul(x, vf_set(1.44269504088896341f)));
+    vf r = vf_fma(n, vf_set(-0.693359375f), x);
+    r = vf_fma(n, vf_set(2.12194440e-4f), r);
+    vf p = vf_set(1.9875691500e-4f);
+    p = vf_fma(p, r, vf_set(1.3981999507e-3f));
+    p = vf_fma(p, r, vf_set(8.3334519073e-3f));
+    p = vf_fma(p, r, vf_set(4.1665795894e-2f));
+    p = vf_fma(p, r, vf_set(1.6666665459e-1f));
+    p = vf_fma(p, r, vf_set(5.0000001201e-1f));
+    p = vf_fma(p, vf_mul(r, r), vf_add(r, vf_set(1.0f)));
+    return vf_mul(p, vf_pow2(n));
+}
 
 /* The 4-bit codes of a 32-weight block: byte j holds weight j in its low nibble and j + 16 in its high.
  * Lanes hold the code in their low 4 bits (vf_codes16 ignores the bits above). */

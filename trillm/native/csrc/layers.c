@@ -21,6 +21,33 @@ static float dot(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
+/* out[i] = a . b_i for four rows b_i `stride` floats apart: one horizontal reduction for the four, where four
+ * dot() calls make one each (the attention of a long context makes one a key and query head). */
+static void dot4(const float *a, const float *b, int64_t stride, int64_t n, float *out) {
+#if VLEN >= 8
+    if (n % VLEN == 0) {
+        vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+        for (int64_t i = 0; i < n; i += VLEN) {
+            const vf x = vf_load(a + i);
+            for (int k = 0; k < 4; k++)
+                acc[k] = vf_fma(x, vf_load(b + k * stride + i), acc[k]);
+        }
+        __m256 h[4];
+        for (int k = 0; k < 4; k++)
+#if VLEN == 16
+            h[k] = _mm256_add_ps(_mm512_castps512_ps256(acc[k]), _mm512_extractf32x8_ps(acc[k], 1));
+#else
+            h[k] = acc[k];
+#endif
+        __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1)));
+        return;
+    }
+#endif
+    for (int k = 0; k < 4; k++)
+        out[k] = dot(a, b + k * stride, n);
+}
+
 /* out = x / sqrt(mean(x^2) + eps) * weight, for each of `rows` rows of `dim` floats. */
 void trillm_rms_norm(const float *x, const float *weight, int64_t rows, int64_t dim, float eps, float *out) {
     for (int64_t r = 0; r < rows; r++) {
@@ -89,6 +116,33 @@ static void weighted_sum(const float *p, const float *values, int64_t length, in
     }
 }
 
+/* p (length) = softmax(p) over its scores and one more logit, `sink` (-INFINITY for none), whose own weight
+ * is dropped: the vector exp and max where the ISA has them, length being thousands in a long context. */
+static void softmax_with_sink(float *p, int64_t length, float sink) {
+    vf max_vector = vf_set(sink);
+    int64_t j = 0;
+    for (; j + VLEN <= length; j += VLEN)
+        max_vector = vf_max(max_vector, vf_load(p + j));
+    float max_score = vf_max_all(max_vector);
+    for (; j < length; j++)
+        max_score = p[j] > max_score ? p[j] : max_score;
+    const vf max_scores = vf_set(max_score);
+    vf totals = vf_zero();
+    for (j = 0; j + VLEN <= length; j += VLEN) {
+        vf e = vf_exp(vf_add(vf_load(p + j), vf_mul(max_scores, vf_set(-1.0f))));
+        vf_store(p + j, e);
+        totals = vf_add(totals, e);
+    }
+    float total = vf_sum(totals) + (sink == -INFINITY ? 0.0f : expf(sink - max_score));
+    for (; j < length; j++)
+        total += p[j] = expf(p[j] - max_score);
+    const vf scale = vf_set(1.0f / total);
+    for (j = 0; j + VLEN <= length; j += VLEN)
+        vf_store(p + j, vf_mul(vf_load(p + j), scale));
+    for (; j < length; j++)
+        p[j] /= total;
+}
+
 struct attention_call {
     const float *qkv, *cos, *sin, *keys, *values, *sinks;
     float *out;
@@ -119,23 +173,22 @@ static void attention_chunk(void *arg, int chunk, int chunks) {
                    head_dim, q + g * head_dim);
         for (int64_t j0 = 0; j0 < length; j0 += ATTENTION_SPAN) {
             const int64_t j1 = j0 + ATTENTION_SPAN < length ? j0 + ATTENTION_SPAN : length;
-            for (int64_t g = 0; g < n; g++)
-                for (int64_t j = j0; j < j1; j++)
-                    scores[g * length + j] = dot(q + g * head_dim, keys + j * head_dim, head_dim) * c->scale;
+            for (int64_t g = 0; g < n; g++) {
+                float *p = scores + g * length;
+                int64_t j = j0;
+                for (; j + 4 <= j1; j += 4)
+                    dot4(q + g * head_dim, keys + j * head_dim, head_dim, head_dim, p + j);
+                for (; j < j1; j++)
+                    p[j] = dot(q + g * head_dim, keys + j * head_dim, head_dim);
+                for (j = j0; j < j1; j++)
+                    p[j] *= c->scale;
+            }
         }
         for (int64_t g = 0; g < n; g++) {
             float *p = scores + g * length;
             /* A sink (gpt-oss) is one more logit in the softmax's denominator whose value is dropped: the head
              * may give a token less than all of its attention. */
-            float sink = c->sinks ? c->sinks[(first + g) % c->heads] : -INFINITY, max_score = sink, total = 0.0f;
-            for (int64_t j = 0; j < length; j++)
-                max_score = p[j] > max_score ? p[j] : max_score;
-            if (c->sinks)
-                total = expf(sink - max_score);
-            for (int64_t j = 0; j < length; j++)
-                total += p[j] = expf(p[j] - max_score);
-            for (int64_t j = 0; j < length; j++)
-                p[j] /= total;
+            softmax_with_sink(p, length, c->sinks ? c->sinks[(first + g) % c->heads] : -INFINITY);
             memset(c->out + (first + g) * head_dim, 0, head_dim * sizeof *c->out);
         }
         for (int64_t j0 = 0; j0 < length; j0 += ATTENTION_SPAN) {
