@@ -227,8 +227,8 @@ def expert_activations_of(choice: str | None) -> tuple[str, str]:
     one for both, or None: int8 for decode steps, and for prompts bf16 where this CPU has it, else int8.
     Prompts in bf16 multiply the attention projections in bf16 too (Attention)."""
     if choice == "bf16" and load() is not None and not has_bf16_kernel():
-        raise TrillmError("--expert-activations bf16 needs a CPU with AVX512-BF16 (this one lacks it): "
-                          "use int8 or float32")
+        raise TrillmError("--expert-activations bf16 needs the AVX512-BF16 kernel, which this CPU (or the level "
+                          "TRILLM_ISA chose) lacks: use int8 or float32")
     if choice is not None:
         return choice, choice
     return "int8", "bf16" if has_bf16_kernel() else "int8"
