@@ -74,11 +74,22 @@ void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, 
  * gate_up = [gate 0, up 0, gate 1, up 1, ...] (2 dim): gpt-oss's clamped SwiGLU, its release's interleaved
  * order. NaN stays NaN, as in torch's clamp. */
 void trillm_clamped_swiglu(const float *gate_up, int64_t rows, int64_t dim, float alpha, float limit, float *out) {
-    for (int64_t i = 0; i < rows * dim; i++) {
+    const int64_t n = rows * dim;
+    /* out first holds -alpha g, then e^(-alpha g) by the vector exp (the work: a prompt has millions) */
+    for (int64_t i = 0; i < n; i++) {
+        float gate = gate_up[2 * i];
+        out[i] = -((gate > limit ? limit : gate) * alpha);
+    }
+    int64_t i = 0;
+    for (; i + VLEN <= n; i += VLEN)
+        vf_store(out + i, vf_exp(vf_load(out + i)));
+    for (; i < n; i++)
+        out[i] = expf(out[i]);
+    for (i = 0; i < n; i++) {
         float gate = gate_up[2 * i], up = gate_up[2 * i + 1];
         gate = gate > limit ? limit : gate;
         up = up > limit ? limit : up < -limit ? -limit : up;
-        out[i] = (up + 1.0f) * (gate * (1.0f / (1.0f + expf(-(gate * alpha)))));
+        out[i] = (up + 1.0f) * (gate * (1.0f / (1.0f + out[i])));
     }
 }
 
