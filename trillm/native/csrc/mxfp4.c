@@ -9,15 +9,18 @@
  * - The Hugging Face release: codes (rows, cols / 32, 16) and scales (rows, cols / 32) apart; byte j holds
  *   element 2j in its low nibble and 2j + 1 in its high.
  * Codes are decoded in the order each kernel finds cheapest, not in element order: rather than reordering
- * codes, the call reorders the activations once into that order for the layout at hand. A dot product does not care in which order it sums, and a token's activations are a
- * thousandth of the weights it meets.
- * Two kernels:
- * - float32 activations (a product as a float32 matmul over the decoded weights), decoding codes in the lane
- *   order fp4_codes finds cheapest;
- * - int8 activations, as llama.cpp's MXFP4 x Q8_0: a token's activations quantized per block of 32 (scale
- *   max|x| / 127), each block's products integers (the codes as int8 2 FP4_VALUES + 12, an unsigned byte
- *   for the multiply-add instructions, the +12 taken back exactly by the block's -12 sum q), times the two
- *   scales. About twice the speed, at the cost of the activations' rounding (see weights/mxfp4.py).
+ * codes, the call reorders the activations once into that order for the layout at hand. A dot product does
+ * not care in which order it sums, and a token's activations are a thousandth of the weights it meets.
+ * Three forms of activations (ACTIVATIONS_*):
+ * - float32 (a product as a float32 matmul over the decoded weights), decoding codes in the lane order
+ *   fp4_codes finds cheapest;
+ * - int8, as llama.cpp's MXFP4 x Q8_0: a token's activations quantized per block of 32 (scale max|x| / 127),
+ *   each block's products integers (the codes as int8 2 FP4_VALUES + 12, an unsigned byte for the
+ *   multiply-add instructions, the +12 taken back exactly by the block's -12 sum q), times the two scales.
+ *   About twice float32's speed, at the cost of the activations' rounding (see weights/mxfp4.py);
+ * - bfloat16 (CPUs with AVX512-BF16), for prompts.
+ * A decode step's rows are read once each, a block decoded for at most MAX_TOKENS tokens; a prompt's float32
+ * and bfloat16 groups decode a tile of rows once into L2 and multiply it in register tiles.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -168,8 +171,8 @@ static void mxfp4_rows_float_tiled(const struct mxfp4_job *job, int64_t tokens, 
         for (int64_t pass = 0, t = 0; pass < passes; pass++) {
             const int64_t pass_tokens = (tokens - t) / (passes - pass);
             for (int64_t r = 0; r < n; r += FLOAT_ROWS) {
-                const int64_t tile_rows_here = n - r < FLOAT_ROWS ? n - r : FLOAT_ROWS;
-                float_tiles[tile_rows_here - 1][pass_tokens - 1](decoded + r * cols, job->x + t * cols, cols,
+                const int64_t register_rows = n - r < FLOAT_ROWS ? n - r : FLOAT_ROWS;
+                float_tiles[register_rows - 1][pass_tokens - 1](decoded + r * cols, job->x + t * cols, cols,
                                                                  job->y + t * job->y_stride + tile + r, job->y_stride);
             }
             t += pass_tokens;
@@ -373,8 +376,8 @@ static void mxfp4_rows_bf16(const struct mxfp4_job *job, int64_t tokens, int64_t
         for (int64_t pass = 0, t = 0; pass < passes; pass++) {
             const int64_t pass_tokens = (tokens - t) / (passes - pass);
             for (int64_t r = 0; r < n; r += BF16_ROWS) {
-                const int64_t tile_rows = n - r < BF16_ROWS ? n - r : BF16_ROWS;
-                bf16_tiles[tile_rows - 1][pass_tokens - 1](decoded + r * cols, job->x16 + t * cols, cols,
+                const int64_t register_rows = n - r < BF16_ROWS ? n - r : BF16_ROWS;
+                bf16_tiles[register_rows - 1][pass_tokens - 1](decoded + r * cols, job->x16 + t * cols, cols,
                                                            job->y + t * job->y_stride + tile + r, job->y_stride);
             }
             t += pass_tokens;
@@ -415,9 +418,7 @@ struct mxfp4_call {
 #define ROW_TILE 48
 
 /* From this many tokens a group, float32 activations take the tiled kernel. */
-#ifndef FLOAT_TILE_MIN_TOKENS
 #define FLOAT_TILE_MIN_TOKENS 4
-#endif
 
 /* One thread's share of the rows of every group's expert. */
 static void mxfp4_chunk(void *arg, int chunk, int chunks) {
