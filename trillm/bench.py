@@ -96,9 +96,7 @@ def gguf_bytes_per_token(path) -> int:
     embedding not at all when an output head of its own is there (one row of it is read)."""
     import math
 
-    from gguf import GGML_QUANT_SIZES
-
-    from trillm.checkpoint.gguf_file import GGUFCheckpoint
+    from trillm.checkpoint.gguf_file import GGUFCheckpoint, row_bytes
 
     checkpoint = GGUFCheckpoint(path)
     architecture = checkpoint.metadata.get("general.architecture")
@@ -108,8 +106,7 @@ def gguf_bytes_per_token(path) -> int:
     for name, (ggml_type, dims, _) in checkpoint.infos.items():
         if name == "token_embd.weight" and "output.weight" in checkpoint.infos:
             continue
-        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        size = math.prod(dims[1:]) * dims[0] // block_size * block_bytes
+        size = math.prod(dims[1:]) * row_bytes(ggml_type, dims)
         total += size * routed if "_exps." in name else size
     return int(total)
 

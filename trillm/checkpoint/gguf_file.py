@@ -31,6 +31,12 @@ SCALARS = {  # GGUF value type -> struct format (little-endian)
 }
 
 
+def row_bytes(ggml_type: GGMLQuantizationType, dims: list[int]) -> int:
+    """Bytes of one row (dims[0] elements, GGUF's fastest-varying dimension) of a tensor of this type."""
+    block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    return dims[0] // block_size * block_bytes
+
+
 class HeaderReader:
     """Reads GGUF header values from a bytes-like buffer, front to back."""
 
@@ -94,7 +100,7 @@ def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
             raise CheckpointError(f"{path}: tensor {name!r} has GGML type number {type_number}, which no GGUF "
                                   f"reader knows")
         ggml_type = GGMLQuantizationType(type_number)
-        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        block_size = GGML_QUANT_SIZES[ggml_type][0]
         if not 1 <= len(dims) <= 4 or dims[0] % block_size:
             raise CheckpointError(f"{path}: tensor {name!r} has dimensions {dims}, not whole {ggml_type.name} "
                                   f"blocks of {block_size} (1 to 4 dimensions)")
@@ -102,7 +108,7 @@ def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
             raise CheckpointError(f"{path}: tensor {name!r} starts at offset {offset}, not a multiple of "
                                   f"general.alignment {alignment}")
         infos[name] = (ggml_type, dims, offset)
-        spans.append((offset, offset + math.prod(dims[1:]) * (dims[0] // block_size) * block_bytes, name))
+        spans.append((offset, offset + math.prod(dims[1:]) * row_bytes(ggml_type, dims), name))
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
@@ -144,16 +150,15 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {name!r} has shape {list(stored_shape)}, "
                 f"expected {list(shape)} from the model metadata"
             )
-        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        row_bytes = dims[0] // block_size * block_bytes
+        stride = row_bytes(ggml_type, dims)
         rows = int(np.prod(dims[1:], dtype=np.int64))
         start = self.data_start + offset
-        if start + rows * row_bytes > len(self.file):
+        if start + rows * stride > len(self.file):
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} ({ggml_type.name} {list(stored_shape)}) ends past the end "
                 f"of the file: it is truncated"
             )
-        data = torch.from_numpy(self.file[start:start + rows * row_bytes]).view(rows, row_bytes)
+        data = torch.from_numpy(self.file[start:start + rows * stride]).view(rows, stride)
         if ggml_type in DENSE_TYPES:
             return data.view(DENSE_TYPES[ggml_type]).reshape(stored_shape)
         return GGMLTensor(ggml_type, data, stored_shape)
@@ -162,12 +167,11 @@ class GGUFCheckpoint:
         """Drop a tensor's pages (or those of rows [start, end)) from resident memory, once the model holds
         its own copy (fused or reordered weights), so the file's copy stops counting (see pages.py)."""
         ggml_type, dims, offset = self.infos[name]
-        block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        row_bytes = dims[0] // block_size * block_bytes
+        stride = row_bytes(ggml_type, dims)
         first, end = rows or (0, int(np.prod(dims[1:], dtype=np.int64)))
         base = self.file.ctypes.data
-        drop_pages((base, base + len(self.file)), base + self.data_start + offset + first * row_bytes,
-                   (end - first) * row_bytes)
+        drop_pages((base, base + len(self.file)), base + self.data_start + offset + first * stride,
+                   (end - first) * stride)
 
     def generation_config(self) -> dict:
         return {}
