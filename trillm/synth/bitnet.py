@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType
 
 from trillm.models.bitnet import LAYER_NAMES, BitNetConfig
 from trillm.models.loading import MODEL_NAMES
-from trillm.synth.files import Tensor, write_safetensors
+from trillm.synth.files import Tensor, add_decoder_gguf_metadata, write_safetensors
 from trillm.synth.vocabulary import (
     LLAMA3_VOCAB_SIZE,
     add_gguf_vocabulary,
@@ -295,14 +295,7 @@ def add_gguf_metadata(writer: gguf.GGUFWriter, config: dict, c: BitNetConfig, fi
     writer.add_name("BitNet b1.58 (random weights)")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(file_type)
-    writer.add_block_count(c.num_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_decoder_gguf_metadata(writer, c)
     if "head_dim" in config:
         writer.add_key_length(c.head_dim)
         writer.add_value_length(c.head_dim)

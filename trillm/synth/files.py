@@ -10,6 +10,7 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gguf
 import torch
 
 from trillm.errors import TrillmError
@@ -71,3 +72,16 @@ def write_whole(out: str | Path, write: Callable[[Path], Path], force: bool = Fa
             elif leftover.exists() or leftover.is_symlink():
                 leftover.unlink()
     return out
+
+
+def add_decoder_gguf_metadata(writer: gguf.GGUFWriter, c):
+    """The shape keys llama.cpp's converter writes for every decoder (TextModel.set_gguf_parameters), from a
+    models.layers.DecoderConfig."""
+    writer.add_block_count(c.num_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)

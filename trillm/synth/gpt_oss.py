@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 
 from trillm.models.gpt_oss import LAYER_NAMES, GptOssConfig
 from trillm.models.loading import MODEL_NAMES
-from trillm.synth.files import write_safetensors
+from trillm.synth.files import add_decoder_gguf_metadata, write_safetensors
 from trillm.synth.vocabulary import (
     O200K_HARMONY_VOCAB_SIZE,
     has_llama3_vocabulary,
@@ -284,16 +284,9 @@ def add_gguf_metadata(writer: gguf.GGUFWriter, config: dict, c: GptOssConfig, de
     """The keys llama.cpp's converter writes for gpt-oss (TextModel.set_gguf_parameters and GptOssModel's)."""
     writer.add_name("gpt-oss (random weights)")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dense_type == "bf16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_block_count(c.num_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
+    add_decoder_gguf_metadata(writer, c)
     writer.add_key_length(c.head_dim)
     writer.add_value_length(c.head_dim)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_expert_count(c.num_experts)
     writer.add_expert_used_count(c.experts_per_token)
     rope = config["rope_scaling"]
