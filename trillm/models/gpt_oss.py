@@ -36,7 +36,7 @@ from trillm.native import ops
 from trillm.native.build import load
 from trillm.weights import GGMLTensor, MXFP4Tensor, make_experts, make_linear
 from trillm.weights.head import restore_dense
-from trillm.weights.mxfp4 import has_bf16_kernel
+from trillm.weights.mxfp4 import check_activations, has_bf16_kernel
 
 
 @dataclass
@@ -226,10 +226,11 @@ def expert_activations_of(choice: str | None) -> tuple[str, str]:
     """(decode, prompt) activations of the MXFP4 experts (weights/mxfp4.py: ACTIVATIONS) for a user's choice:
     one for both, or None: int8 for decode steps, and for prompts bf16 where this CPU has it, else int8.
     Prompts in bf16 multiply the attention projections in bf16 too (Attention)."""
-    if choice == "bf16" and load() is not None and not has_bf16_kernel():
-        raise TrillmError("--expert-activations bf16 needs the AVX512-BF16 kernel, which this CPU (or the level "
-                          "TRILLM_ISA chose) lacks: use int8 or float32")
     if choice is not None:
+        try:  # refused here, before any layer is built, in one line
+            check_activations(choice, choice, native=load() is not None)
+        except ValueError as error:
+            raise TrillmError(f"--expert-activations: {error}") from None
         return choice, choice
     return "int8", "bf16" if has_bf16_kernel() else "int8"
 

@@ -107,8 +107,8 @@ def check_activations(activations: str, prompt_activations: str, native: bool):
         if name not in ACTIVATIONS:
             raise ValueError(f"unknown expert activations {name!r} (choose from {', '.join(ACTIVATIONS)})")
         if name == "bf16" and native and not has_bf16_kernel():
-            raise ValueError("bf16 expert activations need a CPU with AVX512-BF16 (and TRILLM_ISA=avx512); "
-                             "this one has no such kernel: use int8 or float32")
+            raise ValueError("bf16 expert activations need the AVX512-BF16 kernel, which this CPU (or the level "
+                             "TRILLM_ISA chose) lacks: use int8 or float32")
 
 
 def stored_bytes(weight: MXFP4Tensor) -> int:
