@@ -30,9 +30,9 @@ enum {
 };
 
 /* 256 activations quantized to int8 as llama.cpp's block_q8_K: x ~ d * q, and sums[j] = q[16j] + ... +
- * q[16j + 15] (ggml.c: quantize_q8_k). */
+ * q[16j + 15] (ggml.c: quantize_q8_k). Aligned to cache lines, so that no vector of q straddles two. */
 #define QK_K 256
-struct q8_k_block {
+struct __attribute__((aligned(64))) q8_k_block {
     int8_t q[QK_K];
     int16_t sums[QK_K / 16];
     float d;

@@ -57,7 +57,7 @@ int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
         return ERROR_TYPE;
     if (tokens == 0)
         return OK;
-    struct q8_k_block *x8 = malloc(tokens * (cols / QK_K) * sizeof *x8);
+    struct q8_k_block *x8 = aligned_alloc(64, tokens * (cols / QK_K) * sizeof *x8);
     if (!x8)
         return ERROR_MEMORY;
     for (int64_t i = 0; i < tokens * (cols / QK_K); i++)

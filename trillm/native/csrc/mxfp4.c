@@ -527,19 +527,22 @@ int trillm_mxfp4_experts(int interleaved, int activations, const uint8_t *qs, in
         element[p] = interleaved ? 2 * byte + high : byte + MXFP4_BLOCK / 2 * high;
     }
     const int64_t blocks = cols / MXFP4_BLOCK;
-    /* int8: the rows, then q (tokens, blocks, 32), offset (tokens, blocks, 8) and d (tokens, blocks); else
+    /* int8: q (tokens, blocks, 32), offset (tokens, blocks, 8), the rows, and d (tokens, blocks); else
      * floats or bfloat16 (tokens, cols) */
-    void *prepared = malloc(activations == ACTIVATIONS_INT8 ? tokens * (sizeof(struct q8_row) + blocks * (MXFP4_BLOCK + 9 * 4)) :
-                            tokens * cols * (float32 ? sizeof(float) : sizeof(uint16_t)));
+    /* 64-byte aligned: a block's 32 bytes of q or offsets never straddle two cache lines (measured, Zen 4:
+     * the misaligned half cost a core 12% of its speed in cache) */
+    size_t size = activations == ACTIVATIONS_INT8 ? tokens * (blocks * (MXFP4_BLOCK + 9 * 4) + sizeof(struct q8_row)) :
+                  tokens * cols * (float32 ? sizeof(float) : sizeof(uint16_t));
+    void *prepared = aligned_alloc(64, (size + 63) / 64 * 64);
     if (!prepared)
         return ERROR_MEMORY;
     struct mxfp4_call call = {{qs, scales, qs_block, qs_row, scale_block, scale_row, cols, NULL, NULL, NULL, 0, y, rows},
                               rows, qs_expert, scale_expert, groups, n_groups, bias};
     if (activations == ACTIVATIONS_INT8) {
-        struct q8_row *x8 = prepared;
-        int8_t (*q)[MXFP4_BLOCK] = (void *)(x8 + tokens);
+        int8_t (*q)[MXFP4_BLOCK] = prepared;
         int32_t (*offset)[8] = (void *)(q + tokens * blocks);
-        float *d = (float *)(offset + tokens * blocks);
+        struct q8_row *x8 = (void *)(offset + tokens * blocks);
+        float *d = (float *)(x8 + tokens);
         for (int64_t t = 0; t < tokens; t++) {
             x8[t] = (struct q8_row){q + t * blocks, d + t * blocks, offset + t * blocks};
             quantize_q8_row(x + t * cols, cols, element, x8[t]);
