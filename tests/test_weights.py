@@ -18,6 +18,7 @@ from trillm.weights.ggml import (
     GGMLEmbedding,
     GGMLLinear,
     GGMLTensor,
+    INT8_ACTIVATION_BLOCKS,
     ReferenceGGMLEmbedding,
     ReferenceGGMLLinear,
     dequantize_ggml,
@@ -84,8 +85,8 @@ def test_unsupported_or_inconsistent_ggml_is_refused():
         make_linear(GGMLTensor(Q.Q2_K, torch.zeros(4, 84, dtype=torch.uint8), (4, 256)))
     with pytest.raises(ValueError, match="needs uint8 data of shape"):
         make_linear(GGMLTensor(Q.Q8_0, torch.zeros(4, 33, dtype=torch.uint8), (4, 32)))
-    with pytest.raises(ValueError, match="no int8-activation kernel for Q8_0"):
-        make_linear(random_ggml(Q.Q8_0, 4, 32), int8_activations=True)
+    with pytest.raises(ValueError, match="no int8-activation kernel for Q5_0"):
+        make_linear(random_ggml(Q.Q5_0, 4, 32), int8_activations=True)
 
 
 def test_q6_k_quantizer_blocks_decode_as_gguf_reads_them():
@@ -172,11 +173,14 @@ def assert_int8_matmul_equal(actual: torch.Tensor, expected: torch.Tensor, x: to
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("qtype", list(INT8_ACTIVATION_BLOCKS), ids=lambda t: t.name)
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 20, 40])
-def test_q6_k_int8_kernel_equals_its_reference(native_level, tokens):
-    """Random bytes reach the extremes (codes 0 and 63, scales -128 and 127) the int16 steps must hold."""
+def test_int8_kernels_equal_their_reference(native_level, qtype, tokens):
+    """Random bytes reach the extremes the integer steps must hold (Q8_0's -128, Q6_K's codes 0 and 63
+    and scales -128 and 127)."""
+    block = INT8_ACTIVATION_BLOCKS[qtype]
     for rows, cols in ((7, 256), (33, 768), (100, 2560)):
-        weight = random_ggml(Q.Q6_K, rows, cols, seed=rows)
+        weight = random_ggml(qtype, rows, cols, seed=rows)
         x = int8_test_inputs(tokens, cols)
         native_layer = GGMLLinear(weight, int8_activations=True)
         actual, expected = native_layer(x), ReferenceGGMLLinear(weight, int8_activations=True)(x)
@@ -187,7 +191,7 @@ def test_q6_k_int8_kernel_equals_its_reference(native_level, tokens):
         assert_int8_matmul_equal(actual, expected, x, dequantize_ggml(weight))
         # The same matmul up to the activations' rounding: at most half a step (max|x| / 127 of its block)
         # times |w| for each product.
-        half_steps = (x.abs().unflatten(-1, (-1, 256)).amax(dim=-1, keepdim=True) / 254).expand(-1, -1, 256)
+        half_steps = (x.abs().unflatten(-1, (-1, block)).amax(dim=-1, keepdim=True) / 254).expand(-1, -1, block)
         bound = half_steps.flatten(1) @ dequantize_ggml(weight).abs().T
         assert ((actual - float_matmul).abs() <= bound * 1.001 + 1e-4).all()
         build.set_num_threads(1)

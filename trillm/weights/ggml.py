@@ -5,8 +5,8 @@ Layouts follow llama.cpp (block_* in ggml-common.h, dequantize_row_* in ggml-qua
 decoders compute what the gguf package's numpy dequantizer (gguf.quants.dequantize) computes, in the same
 order of operations; transformers uses that one to load GGUF files, so matching it keeps our greedy
 tokens equal to transformers'. The native kernels (csrc/ggml.c) keep the activations float32 for the
-same reason, but for one that computes as llama.cpp does, Q6_K times int8 activations: 2.5-4x faster, it
-serves the output heads that the caller asks to have in Q6_K (head.py).
+same reason; Q8_0, Q4_0, Q4_1 and Q6_K also have kernels that compute as llama.cpp does, from int8
+activations (`int8_activations`: the output heads re-stored in Q6_K, head.py, and `--activations int8`).
 """
 
 from collections.abc import Callable
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear, prompt_linear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear, prompt_linear, round_to_int8
 
 
 @dataclass
@@ -264,28 +264,30 @@ def concat_ggml_rows(weights: list[GGMLTensor]) -> GGMLTensor:
     return GGMLTensor(first.type, torch.cat([weight.data for weight in weights]), (rows, first.shape[1]))
 
 
-# ---- Int8 activations: Q6_K's fast kernel ---------------------------------------------------------------
+# ---- Int8 activations, as llama.cpp computes ---------------------------------------------------------------
 
-INT8_ACTIVATION_TYPES = (Q.Q6_K,)  # the types csrc/ggml.c has an int8-activation kernel for
+# The types csrc/ggml.c has an int8-activation kernel for, and the block their activations are quantized in.
+INT8_ACTIVATION_BLOCKS = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q6_K: Q6_K_BLOCK_SIZE}
 
 
-def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations (..., cols) to int8 per 256, as csrc/ggml.c's quantize_q8_k does, operation for
-    operation: q = round_half_even(x * (127 / max|x|)), d = max|x| / 127. Returns q (..., cols / 256, 256)
-    as float32 integers and d (..., cols / 256, 1)."""
-    blocks = x.float().unflatten(-1, (-1, Q6_K_BLOCK_SIZE))
-    absmax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = torch.tensor(127.0) / absmax  # a division, as in C (torch computes 127 / absmax as 127 * (1 / absmax))
-    return (blocks * torch.where(absmax > 0, scale, 0.0)).round(), absmax / 127
+def int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
+    """y = x W^T as the int8 kernels compute it: Q8_0, Q4_0 and Q4_1 (as llama.cpp's vec_dot_q8_0_q8_0,
+    q4_0_q8_0, q4_1_q8_1) with x quantized per 32 and the weights as decoded, in float64, so that only the
+    kernel's float32 rounding separates the two; Q6_K by q6_k_int8_matmul."""
+    if weight.type == Q.Q6_K:
+        return q6_k_int8_matmul(weight, x)
+    q, d = round_to_int8(x.reshape(-1, weight.shape[1]), INT8_ACTIVATION_BLOCKS[weight.type])
+    y = F.linear((q * d).flatten(-2).double(), dequantize_ggml(weight).double()).float()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def q6_k_int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T as the int8 kernel computes it (csrc/ggml.c, as llama.cpp's ggml_vec_dot_q6_K_q8_K): x
-    quantized per 256 (quantize_q8_k), each block's integer sum of code * scale * activation, times
+    quantized per 256 (round_to_int8), each block's integer sum of code * scale * activation, times
     d_w * d_x. The integer sums are exact here (float64), so the kernel differs only by float32 rounding.
     Rows are taken 4096 at a time: a whole 2B4T head in float64 would be 2.6 GB."""
     rows, cols = weight.shape
-    x_q, x_d = quantize_q8_k(x.reshape(-1, cols))  # (tokens, blocks, 256), (tokens, blocks, 1)
+    x_q, x_d = round_to_int8(x.reshape(-1, cols), Q6_K_BLOCK_SIZE)  # (tokens, blocks, 256), (tokens, blocks, 1)
     y = torch.empty(x_q.shape[0], rows)
     for start in range(0, rows, 4096):
         blocks = weight.data[start:start + 4096].reshape(-1, BLOCK_LAYOUTS[Q.Q6_K][1])
@@ -298,14 +300,14 @@ def q6_k_int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_int8_activations(weight: GGMLTensor, int8_activations: bool):
-    if int8_activations and weight.type not in INT8_ACTIVATION_TYPES:
+    if int8_activations and weight.type not in INT8_ACTIVATION_BLOCKS:
         raise ValueError(f"no int8-activation kernel for {weight.type.name}")
 
 
 class GGMLLinear(RowLinear):
     """y = x W^T computed by the native kernel straight from the GGML blocks (csrc/ggml.c). With
-    `int8_activations` (Q6_K), up to KERNEL_MAX_TOKENS tokens are quantized to int8 first and the
-    products are integers (q6_k_int8_matmul): 2.5-4x faster, at the cost of the activations' rounding."""
+    `int8_activations` (the INT8_ACTIVATION_BLOCKS types), up to KERNEL_MAX_TOKENS tokens are quantized to
+    int8 first and the products are integers (int8_matmul), at the cost of the activations' rounding."""
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
         check_layout(weight)
@@ -317,7 +319,7 @@ class GGMLLinear(RowLinear):
 
 class ReferenceGGMLLinear(nn.Module):
     """GGMLLinear's reference twin: decodes the blocks in PyTorch on every call, then a float32 matmul (or
-    q6_k_int8_matmul where GGMLLinear would run its int8 kernel; a prompt's in bfloat16 with `prompt_bf16`)."""
+    int8_matmul where GGMLLinear would run its int8 kernel; a prompt's in bfloat16 with `prompt_bf16`)."""
 
     prompt_bf16 = False
 
@@ -333,7 +335,7 @@ class ReferenceGGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_activations and x.numel() // self.in_features <= KERNEL_MAX_TOKENS:
-            y = q6_k_int8_matmul(self.weight, x)
+            y = int8_matmul(self.weight, x)
             return y if self.bias is None else y + self.bias
         prompt = x.numel() // self.in_features > KERNEL_MAX_TOKENS
         return prompt_linear(x.float(), dequantize_ggml(self.weight), self.bias, self.prompt_bf16 and prompt)

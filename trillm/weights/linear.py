@@ -46,6 +46,17 @@ class PrefillScratch(threading.local):
 PREFILL_SCRATCH = PrefillScratch()
 
 
+def round_to_int8(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (..., cols) quantized to int8 per `block_size`, as the native kernels do (csrc/ggml.c:
+    quantize_q8_32 and quantize_q8_k, csrc/mxfp4.c: quantize_q8_row), operation for operation:
+    q = round_half_even(x * (127 / max|x|)), d = max|x| / 127. Returns q (..., cols / block_size, block_size)
+    as float32 integers and d (..., cols / block_size, 1); x ~ q d."""
+    blocks = x.float().unflatten(-1, (-1, block_size))
+    absmax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = torch.tensor(127.0) / absmax  # a division, as in C (torch computes 127 / absmax as 127 * (1 / absmax))
+    return (blocks * torch.where(absmax > 0, scale, 0.0)).round(), absmax / 127
+
+
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bf16: bool) -> torch.Tensor:
     """A prompt's x W^T + bias by torch's matmul over the whole weight: in float32, or with `bf16` in bfloat16
     (x, the weight and the product rounded to it, 2.5-3x float32's speed on CPUs with AVX512-BF16), float32

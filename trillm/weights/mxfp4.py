@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trillm.native.build import load
+from trillm.weights.linear import round_to_int8
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK_SIZE = 32
@@ -95,11 +96,8 @@ def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
         return x.to(torch.bfloat16).float()
     if activations == "float32":
         return x.float()
-    blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
-    absmax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = torch.tensor(127.0) / absmax  # a division, as in C (torch computes 127 / absmax as 127 * (1 / absmax))
-    q = (blocks * torch.where(absmax > 0, scale, 0.0)).round()
-    return (q * (absmax / 127)).flatten(-2)
+    q, d = round_to_int8(x, BLOCK_SIZE)
+    return (q * d).flatten(-2)
 
 
 def check_activations(activations: str, prompt_activations: str, native: bool):

@@ -347,16 +347,160 @@ static void q6_k_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int6
     }
 }
 
+/* ---- Q8_0, Q4_0 and Q4_1 times int8 activations -------------------------------------------------------
+ *
+ * As llama.cpp's ggml_vec_dot_q8_0_q8_0, q4_0_q8_0 and q4_1_q8_1: each token's activations quantized once a
+ * call to int8, a float scale per 32 (quantize_q8_32), and a block's 32 products summed as integers, then
+ * scaled once, by d_w * d_x, in float. Q4_0's codes and Q4_1's are unsigned nibbles u (w = d (u - 8), and
+ * w = d u + m): their products u q go straight to the unsigned-by-signed multiply-add, and the -8 and the
+ * minimum are paid per block from the activations' sum, sum w x = d_w d_x sum u q + c_w d_x sum q with
+ * c_w = -8 d_w or m. Q8_0's signed codes are multiplied as |w| times q with w's sign, so that no pair of
+ * products leaves int16 (|w| <= 128, |q| <= 127).
+ */
+
+/* 32 activations to int8 with the scale 127 / max|x| (rounded to nearest even), as quantize_q8_k does per
+ * 256; trillm/weights/linear.py: round_to_int8 computes the same, operation for operation. */
+void quantize_q8_32(const float *x, struct q8_32_block *out) {
+    float absmax = 0.0f;
+    for (int i = 0; i < 32; i++)
+        absmax = fabsf(x[i]) > absmax ? fabsf(x[i]) : absmax;
+    float iscale = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) {
+        out->q[i] = (int8_t)rintf(x[i] * iscale); /* |x * iscale| <= 127 up to a rounding: |q| <= 127 */
+        sum += out->q[i];
+    }
+    out->d = absmax / 127.0f;
+    out->d_sum = out->d * (float)sum;
+}
+
+enum { INT8_Q8_0, INT8_Q4_0, INT8_Q4_1 };
+
+#if defined(__AVX2__)
+typedef __m256i int8_codes;
+/* 8 int32 lanes summing to sum_i u_i s_i, u unsigned bytes, s signed, no pair above int16 */
+static ALWAYS_INLINE __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* A block's 32 codes: Q8_0's bytes, or the nibbles of Q4_0 and Q4_1 (byte j: weight j low, j + 16 high). */
+static ALWAYS_INLINE int8_codes int8_block_codes(const int format, const uint8_t *b) {
+    if (format == INT8_Q8_0)
+        return _mm256_loadu_si256((const __m256i *)(b + 2));
+    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + (format == INT8_Q4_0 ? 2 : 4))));
+    return _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* |w| for Q8_0 (its sign moves to the activations), the codes as they are for the others */
+static ALWAYS_INLINE int8_codes int8_block_unsigned(const int format, int8_codes codes) {
+    return format == INT8_Q8_0 ? _mm256_abs_epi8(codes) : codes;
+}
+
+/* acc + d (sum of the block's integer products), for one token's activations x */
+static ALWAYS_INLINE __m256 int8_block_dot(const int format, int8_codes codes, int8_codes magnitudes, const int8_t *x,
+                                           float d, __m256 acc) {
+    __m256i activations = _mm256_load_si256((const __m256i *)x);
+    if (format == INT8_Q8_0)
+        activations = _mm256_sign_epi8(activations, codes);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(magnitudes, activations)), _mm256_set1_ps(d), acc);
+}
+typedef __m256 int8_acc;
+static ALWAYS_INLINE int8_acc int8_acc_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE float int8_acc_sum(int8_acc a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+typedef const uint8_t *int8_codes; /* the block itself, read in place */
+typedef float int8_acc;
+static ALWAYS_INLINE int8_codes int8_block_codes(const int format, const uint8_t *b) { (void)format; return b; }
+static ALWAYS_INLINE int8_codes int8_block_unsigned(const int format, int8_codes codes) { (void)format; return codes; }
+static ALWAYS_INLINE float int8_block_dot(const int format, int8_codes b, int8_codes unused, const int8_t *x,
+                                          float d, float acc) {
+    (void)unused;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; j++) {
+        int w = format == INT8_Q8_0 ? (int8_t)b[2 + j] : b[(format == INT8_Q4_0 ? 2 : 4) + j % 16] >> (4 * (j / 16)) & 15;
+        sum += w * x[j];
+    }
+    return acc + (float)sum * d;
+}
+static ALWAYS_INLINE int8_acc int8_acc_zero(void) { return 0.0f; }
+static ALWAYS_INLINE float int8_acc_sum(int8_acc a) { return a; }
+#endif
+
+/* Block b of a row into the accumulators of each token (sums: the c_w d_x sum q terms). */
+static ALWAYS_INLINE void int8_32_block(const int format, const int tokens, const uint8_t *block, int64_t b,
+                                        int64_t blocks, const struct q8_32_block *x32, int8_acc *acc, float *sums) {
+    int8_codes codes = int8_block_codes(format, block);
+    int8_codes magnitudes = int8_block_unsigned(format, codes);
+    const float d = fp16_at(block);
+    const float c = format == INT8_Q4_0 ? -8.0f * d : format == INT8_Q4_1 ? fp16_at(block + 2) : 0.0f;
+#pragma GCC unroll 8
+    for (int t = 0; t < tokens; t++) {
+        const struct q8_32_block *x = x32 + t * blocks + b;
+        acc[t] = int8_block_dot(format, codes, magnitudes, x->q, d * x->d, acc[t]);
+        if (format != INT8_Q8_0)
+            sums[t] += c * x->d_sum;
+    }
+}
+
+/* Rows r0..r1 for a constant number of tokens. Blocks alternate between two sets of accumulators, so that
+ * the additions into one do not wait on the last. */
+static ALWAYS_INLINE void int8_32_tokens(const int format, const int block_bytes, const int tokens,
+                                         const struct matmul_job *job, int64_t r0, int64_t r1) {
+    const int64_t blocks = job->cols / 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *block = job->w + r * job->row_bytes;
+        int8_acc even[MAX_TOKENS], odd[MAX_TOKENS];
+        float even_sums[MAX_TOKENS], odd_sums[MAX_TOKENS];
+        for (int t = 0; t < tokens; t++)
+            even[t] = odd[t] = int8_acc_zero(), even_sums[t] = odd_sums[t] = 0.0f;
+        int64_t b = 0;
+        for (; b + 2 <= blocks; b += 2, block += 2 * block_bytes) {
+            int8_32_block(format, tokens, block, b, blocks, job->x32, even, even_sums);
+            int8_32_block(format, tokens, block + block_bytes, b + 1, blocks, job->x32, odd, odd_sums);
+        }
+        if (b < blocks)
+            int8_32_block(format, tokens, block, b, blocks, job->x32, even, even_sums);
+        for (int t = 0; t < tokens; t++)
+            job->y[t * job->y_stride + r] = int8_acc_sum(even[t]) + int8_acc_sum(odd[t]) + (even_sums[t] + odd_sums[t]);
+    }
+}
+
+#define INT8_32_FORMAT(name, format, block_bytes)                                                            \
+    static void name##_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {            \
+        switch (job->tokens) { /* the token count a constant, so the accumulators live in registers */      \
+        case 1: int8_32_tokens(format, block_bytes, 1, job, r0, r1); break;                                 \
+        case 2: int8_32_tokens(format, block_bytes, 2, job, r0, r1); break;                                 \
+        case 3: int8_32_tokens(format, block_bytes, 3, job, r0, r1); break;                                 \
+        case 4: int8_32_tokens(format, block_bytes, 4, job, r0, r1); break;                                 \
+        case 5: int8_32_tokens(format, block_bytes, 5, job, r0, r1); break;                                 \
+        case 6: int8_32_tokens(format, block_bytes, 6, job, r0, r1); break;                                 \
+        case 7: int8_32_tokens(format, block_bytes, 7, job, r0, r1); break;                                 \
+        case 8: int8_32_tokens(format, block_bytes, 8, job, r0, r1); break;                                 \
+        }                                                                                                  \
+    }
+INT8_32_FORMAT(q8_0, INT8_Q8_0, 34)
+INT8_32_FORMAT(q4_0, INT8_Q4_0, 18)
+INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
+#undef INT8_32_FORMAT
+
 int ggml_kernels(int type, struct row_kernels *k) {
     switch (type) {
-    case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row}; return 1;
-    case TYPE_Q4_0: *k = (struct row_kernels){q4_0_matmul_rows, q4_0_decode_row}; return 1;
-    case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row}; return 1;
+    case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row, q8_0_int8_matmul_rows, 32}; return 1;
+    case TYPE_Q4_0: *k = (struct row_kernels){q4_0_matmul_rows, q4_0_decode_row, q4_0_int8_matmul_rows, 32}; return 1;
+    case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row, q4_1_int8_matmul_rows, 32}; return 1;
     case TYPE_Q5_0: *k = (struct row_kernels){q5_0_matmul_rows, q5_0_decode_row}; return 1;
     case TYPE_Q5_1: *k = (struct row_kernels){q5_1_matmul_rows, q5_1_decode_row}; return 1;
     case TYPE_Q4_K: *k = (struct row_kernels){q4_k_matmul_rows, q4_k_decode_row}; return 1;
     case TYPE_Q5_K: *k = (struct row_kernels){q5_k_matmul_rows, q5_k_decode_row}; return 1;
-    case TYPE_Q6_K: *k = (struct row_kernels){q6_k_matmul_rows, q6_k_decode_row, q6_k_int8_matmul_rows}; return 1;
+    case TYPE_Q6_K: *k = (struct row_kernels){q6_k_matmul_rows, q6_k_decode_row, q6_k_int8_matmul_rows, QK_K}; return 1;
     }
     return 0;
 }

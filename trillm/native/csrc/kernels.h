@@ -38,12 +38,20 @@ struct __attribute__((aligned(64))) q8_k_block {
     float d;
 };
 
+/* 32 activations quantized to int8 as llama.cpp's block_q8_1 (for Q8_0, Q4_0 and Q4_1 weights): x ~ d * q,
+ * and d_sum = d * (q[0] + ... + q[31]) (ggml.c: quantize_q8_32). */
+struct __attribute__((aligned(32))) q8_32_block {
+    int8_t q[32];
+    float d, d_sum;
+};
+
 /* One pass of y = x W^T over at most MAX_TOKENS tokens: y[t * y_stride + r] = sum_c W[r, c] x[t * cols + c]. */
 struct matmul_job {
     const uint8_t *w;  /* row r starts at w + r * row_bytes */
     int64_t row_bytes, cols;
     const float *x;    /* (tokens, cols) */
-    const struct q8_k_block *x8; /* or x quantized, (tokens, cols / QK_K), for the int8 kernels */
+    const struct q8_k_block *x8; /* or x quantized, (tokens, cols / QK_K), for the Q6_K int8 kernel */
+    const struct q8_32_block *x32; /* or (tokens, cols / 32), for the other int8 kernels */
     int tokens;
     float *y;
     int64_t y_stride;
@@ -57,13 +65,15 @@ typedef void decode_row_fn(const uint8_t *row, int64_t cols, float *restrict out
 struct row_kernels {
     matmul_rows_fn *matmul_rows;
     decode_row_fn *decode_row;
-    matmul_rows_fn *matmul_rows_int8; /* reads job->x8; NULL for types without an int8 kernel */
+    matmul_rows_fn *matmul_rows_int8; /* NULL for types without an int8 kernel */
+    int int8_block; /* its activations: per QK_K (job->x8) or per 32 (job->x32) */
 };
 
 /* Fill k for this type and return 1, or return 0 if the file does not handle the type. */
 int dense_kernels(int type, struct row_kernels *k);
 int ggml_kernels(int type, struct row_kernels *k);
 void quantize_q8_k(const float *x, struct q8_k_block *out);
+void quantize_q8_32(const float *x, struct q8_32_block *out);
 
 /* pool.c: run(arg, chunk, chunks) for every chunk of a job, spread over `threads` threads, the caller
  * included. With linger the workers spin a while afterwards, waiting for the next job; without, they

@@ -26,6 +26,8 @@ static void matmul_chunk(void *arg, int chunk, int chunks) {
         struct matmul_job job = call->job;
         if (job.x8)
             job.x8 += t * (job.cols / QK_K);
+        else if (job.x32)
+            job.x32 += t * (job.cols / 32);
         else
             job.x += t * job.cols;
         job.y += t * call->rows;
@@ -47,25 +49,38 @@ int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, i
     return OK;
 }
 
-/* As trillm_matmul, with each token's activations first quantized to int8 (a scale per QK_K of them),
- * for the GGML types with an int8 kernel (ggml.c: Q6_K). What llama.cpp computes; no longer exactly a
- * float matmul. cols must be a multiple of QK_K. */
+/* As trillm_matmul, with each token's activations first quantized to int8 (a scale per 32 of them, or per
+ * QK_K for Q6_K), for the GGML types with an int8 kernel (ggml.c: Q8_0, Q4_0, Q4_1, Q6_K). What llama.cpp
+ * computes; no longer exactly a float matmul. cols must be a multiple of the type's block. */
 int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
                        int64_t tokens, float *y) {
     struct row_kernels kernels = {0};
     if (!ggml_kernels(type, &kernels) || !kernels.matmul_rows_int8)
         return ERROR_TYPE;
+    if (cols % kernels.int8_block)
+        return ERROR_SHAPE;
     if (tokens == 0)
         return OK;
-    struct q8_k_block *x8 = aligned_alloc(64, tokens * (cols / QK_K) * sizeof *x8);
-    if (!x8)
+    const int64_t blocks = tokens * (cols / kernels.int8_block);
+    const size_t size = blocks * (kernels.int8_block == QK_K ? sizeof(struct q8_k_block) : sizeof(struct q8_32_block));
+    void *quantized = aligned_alloc(64, (size + 63) / 64 * 64); /* no vector of q straddles two cache lines */
+    if (!quantized)
         return ERROR_MEMORY;
-    for (int64_t i = 0; i < tokens * (cols / QK_K); i++)
-        quantize_q8_k(x + i * QK_K, x8 + i);
-    struct matmul_call call = {kernels.matmul_rows_int8, {.w = w, .row_bytes = row_bytes, .cols = cols, .x8 = x8,
+    struct matmul_call call = {kernels.matmul_rows_int8, {.w = w, .row_bytes = row_bytes, .cols = cols,
                                                           .y = y, .y_stride = rows}, rows, tokens};
+    if (kernels.int8_block == QK_K) {
+        struct q8_k_block *x8 = quantized;
+        for (int64_t i = 0; i < blocks; i++)
+            quantize_q8_k(x + i * QK_K, x8 + i);
+        call.job.x8 = x8;
+    } else {
+        struct q8_32_block *x32 = quantized;
+        for (int64_t i = 0; i < blocks; i++)
+            quantize_q8_32(x + i * 32, x32 + i);
+        call.job.x32 = x32;
+    }
     run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
-    free(x8);
+    free(quantized);
     return OK;
 }
 
