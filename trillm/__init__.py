@@ -8,8 +8,10 @@
 import os
 
 # Idle OpenMP threads spin by default; on a shared or small machine that steals the cores doing real
-# work. Set before torch (and our kernels) start their thread pools.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# work. Set before torch (and our kernels) start their thread pools; not in `trillm bench`'s llama.cpp
+# workers, which import this package too but must run llama.cpp as its users do (bench.py).
+if not os.environ.get("TRILLM_KEEP_OMP_WAIT_POLICY"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["Model", "load"]
 

@@ -18,6 +18,7 @@ from trillm.errors import TrillmError
 from trillm.harmony import Harmony
 from trillm.models import family_loader
 from trillm.models.gpt_oss import EXPERT_ACTIVATIONS
+from trillm.models.llama import ACTIVATIONS
 from trillm.weights.head import DENSE_FORMATS, HEAD_FORMATS
 
 log = logging.getLogger("trillm")
@@ -138,7 +139,7 @@ def final_pieces(messages: Iterator[tuple[str, str]]) -> Iterator[str]:
 
 
 def load(source=None, ctx_size: int | None = None, head: str | None = None, dense: str | None = None,
-         expert_activations: str | None = None) -> Model:
+         expert_activations: str | None = None, activations: str | None = None) -> Model:
     """Load a model folder, GGUF file, Hugging Face repo id, or (None) the default model.
 
     `ctx_size` is the context in tokens: None or 0 for the model's own, more is cut to it (with a warning).
@@ -147,6 +148,10 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None, dens
     is a tied embedding: "bf16" (exact), "q8_0" (GGML Q8_0, 47% fewer bytes than bf16) or "q6_k" (59% fewer,
     int8 activations; see weights/head.py); None, the family's default: as stored for LLaMA, q6_k for
     BitNet (models/bitnet.py: DEFAULT_HEAD).
+
+    LLaMA only: `activations` "int8" quantizes each matmul's activations to int8 per 32, as llama.cpp does,
+    for weights in GGML blocks that have such a kernel (Q8_0, Q4_0, Q4_1, Q6_K): faster decoding, logits no
+    longer exactly transformers'; None or "float32" (the default) keeps them exact.
 
     gpt-oss only: `dense` "q8_0" re-stores the attention projections and (unless `head` says otherwise) the
     head in Q8_0, as llama.cpp's GGUF files have them; None keeps them as stored. `expert_activations`
@@ -162,6 +167,8 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None, dens
     if expert_activations not in (None, *EXPERT_ACTIVATIONS):
         raise TrillmError(f"invalid expert activations {expert_activations!r} "
                           f"(choose from {', '.join(EXPERT_ACTIVATIONS)})")
+    if activations not in (None, *ACTIVATIONS):
+        raise TrillmError(f"invalid activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
     if ctx_size is not None and (isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 0):
         raise TrillmError(f"invalid context size {ctx_size!r}: a number of tokens, or 0 for the model's own")
     checkpoint = open_checkpoint(source)
@@ -170,10 +177,11 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None, dens
     # that would otherwise sit beside the weights at the peak.
     tokenizer = checkpoint.tokenizer()
     trim_heap()
-    options = {name: value for name, value in (("dense", dense), ("expert_activations", expert_activations))
-               if value is not None}
+    options = {name: value for name, value in (("dense", dense), ("expert_activations", expert_activations),
+                                               ("activations", activations)) if value is not None}
     for name in options:
         if name not in inspect.signature(family).parameters:
-            raise TrillmError(f"{name} applies to gpt-oss only, not to {checkpoint.path}")
+            applies_to = "LLaMA" if name == "activations" else "gpt-oss"
+            raise TrillmError(f"{name} applies to {applies_to} only, not to {checkpoint.path}")
     network = family(checkpoint, head=head, **options)
     return Model(network, tokenizer, str(checkpoint.path), checkpoint.generation_config(), ctx_size)

@@ -38,7 +38,7 @@ class TrillmRunner:
         from trillm.weights import weight_bytes_per_token
 
         self.torch = torch
-        self.model = trillm.load(model_source, **options)  # head, dense, expert_activations
+        self.model = trillm.load(model_source, **options)  # head, dense, expert_activations, activations
         self.vocab_size = self.model.config.vocab_size
         self.weight_bytes = weight_bytes_per_token(self.model.network)
 
@@ -184,8 +184,10 @@ class Worker:
             # llama.cpp synchronises its OpenMP threads after every op: sleeping waiters cost it 3x. Its
             # threads spin only while it runs, and the engines take turns, so its own default is fair.
             del env["OMP_WAIT_POLICY"]
+            env["TRILLM_KEEP_OMP_WAIT_POLICY"] = "1"  # or importing trillm (this worker) would set it again
         command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
-                   json.dumps({"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations}),
+                   json.dumps({"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations,
+                               "activations": args.activations}),
                    str(args.n_prompt), str(args.n_gen)]
         self.engine = engine
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)

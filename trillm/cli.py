@@ -16,6 +16,7 @@ MAX_THREADS = 256  # the kernels' pool has at most 255 workers beside the caller
 
 def add_model_arguments(parser: argparse.ArgumentParser):
     from trillm.models.gpt_oss import EXPERT_ACTIVATIONS
+    from trillm.models.llama import ACTIVATIONS
     from trillm.weights.head import DENSE_FORMATS, HEAD_FORMATS
 
     parser.add_argument("-m", "--model", default=None,
@@ -26,6 +27,10 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--head", default=None, choices=HEAD_FORMATS,
                         help="output head in memory: bf16 (exact), q8_0 (47%% fewer bytes a token) or q6_k "
                              "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
+    parser.add_argument("--activations", default=None, choices=ACTIVATIONS,
+                        help="LLaMA: int8 quantizes each matmul's activations per 32 as llama.cpp does (GGUF "
+                             "Q8_0, Q4_0, Q4_1, Q6_K weights): faster decoding, logits no longer exactly "
+                             "transformers' (default: float32, exact)")
     parser.add_argument("--dense", default=None, choices=DENSE_FORMATS,
                         help="gpt-oss: attention and head re-stored in Q8_0, as llama.cpp's GGUF files have them "
                              "(default: as stored)")
@@ -78,7 +83,7 @@ def load_model(args):
     torch.set_num_threads(threads)
     set_num_threads(threads)
     return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head, dense=args.dense,
-                       expert_activations=args.expert_activations)
+                       expert_activations=args.expert_activations, activations=args.activations)
 
 
 def new_tokens(args, model) -> int:

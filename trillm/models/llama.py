@@ -51,11 +51,11 @@ class LlamaConfig(DecoderConfig):
 class Attention(nn.Module):
     """Grouped-query attention with rotary positions; q, k and v come from one fused projection."""
 
-    def __init__(self, config: LlamaConfig, q, k, v, o):
+    def __init__(self, config: LlamaConfig, q, k, v, o, int8_activations: bool):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv_proj = make_linear([q, k, v])
-        self.o_proj = make_linear(o)
+        self.qkv_proj = make_linear([q, k, v], int8_activations=int8_activations)
+        self.o_proj = make_linear(o, int8_activations=int8_activations)
 
     def forward(self, x, rope, cache, layer: int, start: int):
         batch, length, _ = x.shape
@@ -66,31 +66,40 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
 
-    def __init__(self, gate, up, down):
+    def __init__(self, gate, up, down, int8_activations: bool):
         super().__init__()
-        self.gate_up_proj = make_linear([gate, up])
-        self.down_proj = make_linear(down)
+        self.gate_up_proj = make_linear([gate, up], int8_activations=int8_activations)
+        self.down_proj = make_linear(down, int8_activations=int8_activations)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
-def llama_block(config: LlamaConfig, w: dict) -> Block:
+def llama_block(config: LlamaConfig, w: dict, int8_activations: bool) -> Block:
     eps = config.rms_norm_eps
     return Block(attention_norm=RMSNorm(w["attention_norm"], eps),
-                 attention=Attention(config, w["q"], w["k"], w["v"], w["o"]),
+                 attention=Attention(config, w["q"], w["k"], w["v"], w["o"], int8_activations),
                  mlp_norm=RMSNorm(w["mlp_norm"], eps),
-                 mlp=MLP(w["gate"], w["up"], w["down"]))
+                 mlp=MLP(w["gate"], w["up"], w["down"], int8_activations))
 
 
 # ---- Loading: the config, every tensor's shape checked, GGUF's q/k row order ---------------------------
 
-def load_llama(checkpoint, head: str | None = None) -> Transformer:
+# The activations of the linear layers: float32 (the default, exact: transformers' logits) or int8, each
+# matmul's activations quantized per 32 as llama.cpp does, for weights in GGML blocks with an int8 kernel
+# (Q8_0, Q4_0, Q4_1, Q6_K; weights/ggml.py), the others keeping float32.
+ACTIVATIONS = ("float32", "int8")
+
+
+def load_llama(checkpoint, head: str | None = None, activations: str = "float32") -> Transformer:
     """Build the model from an HF folder or a GGUF file, checking every tensor's shape.
 
     `head`: None keeps the output head as stored; "bf16", "q8_0" or "q6_k" re-store a dense head (see
-    weights/head.py); a head in GGML blocks stays as the file has it.
+    weights/head.py); a head in GGML blocks stays as the file has it. `activations`: see ACTIVATIONS.
     """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
+    int8 = activations == "int8"
     gguf = checkpoint.kind == "gguf"
     if gguf:
         config = LlamaConfig.from_gguf(checkpoint.metadata, checkpoint.names(), checkpoint.path)
@@ -103,9 +112,10 @@ def load_llama(checkpoint, head: str | None = None) -> Transformer:
             return unpermute_rope_rows(tensor, config.num_heads if key == "q" else config.num_kv_heads)
         return tensor
 
-    embedding, output_head, norm = load_ends(checkpoint, config, head)
+    embedding, output_head, norm = load_ends(checkpoint, config, head, int8)
     blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
-                         lambda tensors, layer: llama_block(config, tensors), copied=("q", "k", "v", "gate", "up"))
+                         lambda tensors, layer: llama_block(config, tensors, int8),
+                         copied=("q", "k", "v", "gate", "up"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

@@ -63,8 +63,10 @@ def decoder_layer_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_ends(checkpoint, config: DecoderConfig, head_format: str | None) -> tuple[nn.Module, nn.Module, RMSNorm]:
-    """The embedding, the output head (the embedding's own rows when tied) and the final norm.
+def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
+              int8_activations: bool = False) -> tuple[nn.Module, nn.Module, RMSNorm]:
+    """The embedding, the output head (the embedding's own rows when tied; `int8_activations`: see
+    make_output_head) and the final norm.
 
     A head re-stored in `head_format` (weights/head.py) is a copy: the stored rows' pages are let go as they
     are done, so that the stored and the re-stored head are never both resident.
@@ -75,7 +77,7 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None) -> tup
     # A GGUF file says "tied" by having no output.weight (llama.cpp reads token_embd then); config.json says it.
     head_name = names["embedding" if config.tie_word_embeddings else "head"]
     head = make_output_head(read_weight(checkpoint, head_name, vocab_shape), head_format,
-                            lambda start, end: checkpoint.release(head_name, (start, end)))
+                            lambda start, end: checkpoint.release(head_name, (start, end)), int8_activations)
     norm = RMSNorm(read_norm(checkpoint, names["norm"], (config.hidden_size,)), config.rms_norm_eps)
     return embedding, head, norm
 

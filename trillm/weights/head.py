@@ -33,7 +33,7 @@ def restore_dense(weight: torch.Tensor | GGMLTensor, dense_format: str | None,
 
 
 def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None = None,
-                     rows_done: Callable[[int, int], None] | None = None) -> nn.Module:
+                     rows_done: Callable[[int, int], None] | None = None, int8_activations: bool = False) -> nn.Module:
     """The output projection (vocab, dim), re-stored in `head_format` when the weight is dense:
 
     - None: as stored;
@@ -48,17 +48,18 @@ def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None 
 
     Rows that do not split in blocks of 32 stay as stored, with a warning. Otherwise a head stored in GGML
     blocks (a GGUF file) stays as its file chose. `rows_done` goes to the quantizer (see quantize_q8_0).
+    `int8_activations`: a head in GGML blocks takes the int8 kernel where its type has one (make_linear).
     """
     if head_format not in (None, *HEAD_FORMATS):
         raise ValueError(f"unknown output head format {head_format!r} (choose from {', '.join(HEAD_FORMATS)})")
     if isinstance(weight, GGMLTensor):
-        int8_activations = head_format == "q6_k" and weight.type == GGMLQuantizationType.Q6_K
+        int8_activations |= head_format == "q6_k" and weight.type == GGMLQuantizationType.Q6_K
         return make_linear(weight, int8_activations=int8_activations)
     if head_format == "q6_k" and weight.shape[1] % Q6_K_BLOCK_SIZE == 0:
         return make_linear(quantize_q6_k(weight, rows_done), int8_activations=True)
     if head_format in ("q6_k", "q8_0"):
         if weight.shape[1] % Q8_0_BLOCK_SIZE == 0:
-            return make_linear(quantize_q8_0(weight, rows_done))
+            return make_linear(quantize_q8_0(weight, rows_done), int8_activations=int8_activations)
         log.warning("trillm: the output head has %d columns, not a multiple of %d: kept in %s, not %s",
                     weight.shape[1], Q8_0_BLOCK_SIZE, weight.dtype, head_format.upper())
     if head_format == "bf16":
