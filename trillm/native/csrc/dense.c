@@ -20,8 +20,8 @@ static ALWAYS_INLINE float bf16_scalar(const uint8_t *row, int64_t c) {
     return bf16_to_float(h);
 }
 
-static ALWAYS_INLINE void dense_matmul_tokens(dense_vector_fn *vector, dense_scalar_fn *scalar, const int tokens,
-                                              const struct matmul_job *job, int64_t r0, int64_t r1) {
+static ALWAYS_INLINE void dense_matmul_tokens(dense_vector_fn *vector, dense_scalar_fn *scalar, const int element_bytes,
+                                              const int tokens, const struct matmul_job *job, int64_t r0, int64_t r1) {
     const int64_t cols = job->cols;
     const float *x = job->x;
     for (int64_t r = r0; r < r1; r++) {
@@ -31,6 +31,7 @@ static ALWAYS_INLINE void dense_matmul_tokens(dense_vector_fn *vector, dense_sca
             acc[t][0] = acc[t][1] = vf_zero();
         int64_t c = 0;
         for (; c + 2 * VLEN <= cols; c += 2 * VLEN) {
+            prefetch_row_ahead(row + c * element_bytes, 2 * VLEN * element_bytes);
             vf even = vector(row, c), odd = vector(row, c + VLEN);
 #pragma GCC unroll 8
             for (int t = 0; t < tokens; t++) {
@@ -48,17 +49,17 @@ static ALWAYS_INLINE void dense_matmul_tokens(dense_vector_fn *vector, dense_sca
 }
 
 /* The token count made a constant, so the accumulators live in registers. */
-static ALWAYS_INLINE void dense_matmul_rows(dense_vector_fn *vector, dense_scalar_fn *scalar,
+static ALWAYS_INLINE void dense_matmul_rows(dense_vector_fn *vector, dense_scalar_fn *scalar, const int element_bytes,
                                             const struct matmul_job *job, int64_t r0, int64_t r1) {
     switch (job->tokens) {
-    case 1: dense_matmul_tokens(vector, scalar, 1, job, r0, r1); break;
-    case 2: dense_matmul_tokens(vector, scalar, 2, job, r0, r1); break;
-    case 3: dense_matmul_tokens(vector, scalar, 3, job, r0, r1); break;
-    case 4: dense_matmul_tokens(vector, scalar, 4, job, r0, r1); break;
-    case 5: dense_matmul_tokens(vector, scalar, 5, job, r0, r1); break;
-    case 6: dense_matmul_tokens(vector, scalar, 6, job, r0, r1); break;
-    case 7: dense_matmul_tokens(vector, scalar, 7, job, r0, r1); break;
-    case 8: dense_matmul_tokens(vector, scalar, 8, job, r0, r1); break;
+    case 1: dense_matmul_tokens(vector, scalar, element_bytes, 1, job, r0, r1); break;
+    case 2: dense_matmul_tokens(vector, scalar, element_bytes, 2, job, r0, r1); break;
+    case 3: dense_matmul_tokens(vector, scalar, element_bytes, 3, job, r0, r1); break;
+    case 4: dense_matmul_tokens(vector, scalar, element_bytes, 4, job, r0, r1); break;
+    case 5: dense_matmul_tokens(vector, scalar, element_bytes, 5, job, r0, r1); break;
+    case 6: dense_matmul_tokens(vector, scalar, element_bytes, 6, job, r0, r1); break;
+    case 7: dense_matmul_tokens(vector, scalar, element_bytes, 7, job, r0, r1); break;
+    case 8: dense_matmul_tokens(vector, scalar, element_bytes, 8, job, r0, r1); break;
     }
 }
 
@@ -72,17 +73,17 @@ static ALWAYS_INLINE void dense_decode_row(dense_vector_fn *vector, dense_scalar
 }
 
 /* A dtype's two row kernels, made from its vector and scalar reads. */
-#define DENSE_FORMAT(name)                                                                                 \
+#define DENSE_FORMAT(name, element_bytes)                                                                  \
     static void name##_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {                 \
-        dense_matmul_rows(name##_vector, name##_scalar, job, r0, r1);                                      \
+        dense_matmul_rows(name##_vector, name##_scalar, element_bytes, job, r0, r1);                       \
     }                                                                                                      \
     static void name##_decode_row(const uint8_t *row, int64_t cols, float *restrict out) {                 \
         dense_decode_row(name##_vector, name##_scalar, row, cols, out);                                    \
     }
 
-DENSE_FORMAT(f32)
-DENSE_FORMAT(f16)
-DENSE_FORMAT(bf16)
+DENSE_FORMAT(f32, 4)
+DENSE_FORMAT(f16, 2)
+DENSE_FORMAT(bf16, 2)
 
 int dense_kernels(int type, struct row_kernels *k) {
     switch (type) {

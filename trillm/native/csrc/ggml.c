@@ -105,6 +105,7 @@ static ALWAYS_INLINE void block_matmul_tokens(block_vector_fn *vector, int block
         for (int t = 0; t < tokens; t++)
             acc[t][0] = acc[t][1] = vf_zero();
         for (int64_t c = 0; c < cols; c += block_elems, block += block_bytes) {
+            prefetch_row_ahead(block, block_bytes);
 #pragma GCC unroll 16
             for (int i = 0; i < block_elems / VLEN; i++) {
                 vf weights = vector(block, i);
@@ -321,6 +322,7 @@ static ALWAYS_INLINE void q6_k_int8_tokens(const int tokens, const struct matmul
         for (int t = 0; t < tokens; t++)
             acc[t] = vf_zero();
         for (int64_t b = 0; b < blocks; b++, block += 210) {
+            prefetch_row_ahead(block, 210);
             struct q6_k_unpacked u;
             q6_k_unpack(block, &u);
             float d = fp16_at(block + 208);
@@ -463,6 +465,7 @@ static ALWAYS_INLINE void int8_32_tokens(const int format, const int block_bytes
             even[t] = odd[t] = int8_acc_zero(), even_sums[t] = odd_sums[t] = 0.0f;
         int64_t b = 0;
         for (; b + 2 <= blocks; b += 2, block += 2 * block_bytes) {
+            prefetch_row_ahead(block, 2 * block_bytes);
             int8_32_block(format, tokens, block, b, blocks, job->x32, even, even_sums);
             int8_32_block(format, tokens, block + block_bytes, b + 1, blocks, job->x32, odd, odd_sums);
         }

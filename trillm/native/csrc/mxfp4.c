@@ -28,11 +28,6 @@
 #include "kernels.h"
 
 #define MXFP4_BLOCK 32
-/* How far ahead of the block in hand its row's codes are asked for: a decode step streams each expert's rows
- * once, and on its own the hardware fetched them late (measured, Zen 4: one thread 11-12 GB/s without, 14
- * with; two threads 21 and 22-26). */
-#define PREFETCH_BYTES 2048
-
 /* The E8M0 scales 2^(s - 127) as floats, looked up: fewer instructions a block than moving the bits into an
  * exponent. s = 0 is 2^-127, a float32 subnormal; 255, NaN in the spec, reads as infinity. */
 static float e8m0_values[256];
@@ -83,7 +78,7 @@ static ALWAYS_INLINE void mxfp4_rows_tokens(const struct mxfp4_job *job, const i
         int64_t b = 0;
         for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block,
                                    x += sets * MXFP4_BLOCK) {
-            __builtin_prefetch(block + PREFETCH_BYTES);
+            __builtin_prefetch(block + ROW_PREFETCH_BYTES);
             mxfp4_block(block, e8m0_values[*scale], x, cols, tokens, acc, 0);
             if (sets == 2)
                 mxfp4_block(block + job->qs_block, e8m0_values[scale[job->scale_block]], x + MXFP4_BLOCK, cols, tokens, acc, 1);
@@ -115,7 +110,7 @@ static void decode_tile_float(const struct mxfp4_job *job, int64_t r0, int64_t n
         const uint8_t *block = job->qs + (r0 + r) * job->qs_row, *scale = job->scales + (r0 + r) * job->scale_row;
         float *out = decoded + r * cols;
         for (int64_t b = 0; b < blocks; b++, block += job->qs_block, scale += job->scale_block, out += MXFP4_BLOCK) {
-            __builtin_prefetch(block + PREFETCH_BYTES);
+            __builtin_prefetch(block + ROW_PREFETCH_BYTES);
             const fp4_table table = fp4_scaled(e8m0_values[*scale]);
 #pragma GCC unroll 32
             for (int i = 0; i < MXFP4_BLOCK / VLEN; i++)
@@ -281,7 +276,7 @@ static ALWAYS_INLINE void mxfp4_rows_tokens_int8(const struct mxfp4_job *job, co
         const uint8_t *block = qs, *scale = scales;
         int64_t b = 0;
         for (; b + sets <= blocks; b += sets, block += sets * job->qs_block, scale += sets * job->scale_block) {
-            __builtin_prefetch(block + PREFETCH_BYTES);
+            __builtin_prefetch(block + ROW_PREFETCH_BYTES);
             q8_block_into(block, e8m0_values[*scale], x8, b, tokens, acc[0]);
             if (sets == 2)
                 q8_block_into(block + job->qs_block, e8m0_values[scale[job->scale_block]], x8, b + 1, tokens, acc[1]);
@@ -316,7 +311,7 @@ static void decode_tile_bf16(const struct mxfp4_job *job, int64_t r0, int64_t n,
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *block = job->qs + (r0 + r) * job->qs_row, *scale = job->scales + (r0 + r) * job->scale_row;
         for (int64_t b = 0; b < blocks; b++, block += job->qs_block, scale += job->scale_block) {
-            __builtin_prefetch(block + PREFETCH_BYTES);
+            __builtin_prefetch(block + ROW_PREFETCH_BYTES);
             __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(values, _mm512_set1_ps(e8m0_values[*scale])));
             _mm512_storeu_si512(decoded + r * cols + b * MXFP4_BLOCK,
                                 _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(fp4_nibbles(block)),
