@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trillm.models.layers import KVCache, rope_cos_sin, rope_inverse_frequencies
-from trillm.native import ops
+from trillm.native import build, ops
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 10), (3, 33), (1, 128, 96)])
@@ -25,6 +25,25 @@ def test_squared_relu_glu_equals_reference(native_level, shape):
     assert torch.equal(ops.squared_relu_glu(gate_up), ops.reference_squared_relu_glu(gate_up))
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.equal(ops.reference_squared_relu_glu(gate_up), torch.relu(gate) ** 2 * up)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 7, 66), (1, 1, 3072)])
+def test_swiglu_equals_reference(native_level, shape):
+    generator = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(shape, generator=generator) * 8
+    gate_up.view(-1)[:2] = torch.tensor([-100.0, 100.0])[:gate_up.numel()]  # exp overflows and underflows
+    out, expected = ops.swiglu(gate_up), ops.reference_swiglu(gate_up)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    gate, up = gate_up.chunk(2, dim=-1)  # the formula, written out
+    torch.testing.assert_close(expected, gate / (1 + torch.exp(-gate)) * up)
+
+
+def test_add_is_torch_s(native_level):
+    """The step a decode plan runs for a residual connection or a bias: the same floats as torch's."""
+    a, b = torch.randn(1000), torch.randn(1000)
+    out = torch.empty(1000)
+    build.load().trillm_add(a.data_ptr(), b.data_ptr(), 1000, out.data_ptr())
+    assert torch.equal(out, a + b)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 7, 64), (5760,)])

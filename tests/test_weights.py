@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType
 
 from trillm.native import build
 from trillm.weights import StackedLinear, can_concat_rows, concat_rows, make_embedding, make_linear
-from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear
+from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseEmbedding, ReferenceDenseLinear
 from trillm.weights.linear import KERNEL_MAX_TOKENS, RowLinear
 from trillm.weights.ggml import (
     BLOCK_LAYOUTS,
@@ -246,6 +246,7 @@ def test_dense_embedding_and_whole_matrix_decode(native_level, dtype):
     embedding = make_embedding(weight)
     assert isinstance(embedding, DenseEmbedding) and embedding.weight.dtype == dtype
     assert torch.equal(embedding(ids), weight.float()[ids])
+    assert torch.equal(ReferenceDenseEmbedding(weight)(ids), weight.float()[ids])
     assert torch.equal(DenseLinear(weight).float_weight(), weight.float())
 
 

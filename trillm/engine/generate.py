@@ -10,6 +10,7 @@ import torch
 from trillm.engine.sampling import Sampling, sample_next
 from trillm.engine.session import Session
 from trillm.errors import TrillmError
+from trillm.native.plan import DecodePlan
 
 
 @contextmanager
@@ -39,9 +40,22 @@ def prefill(network, session: Session, token_ids: list[int]) -> torch.Tensor:
 
 
 def decode_one_token(network, session: Session, token: int) -> torch.Tensor:
-    """One decode step: the logits (vocab,) after `token`, which joins the session."""
+    """One decode step: the logits (vocab,) after `token`, which joins the session.
+
+    A session's first step over its cache is recorded as a decode plan (native/plan.py) and the next ones
+    run it: one native call a token instead of the model's Python. Steps that cannot be a plan, and every
+    step with TRILLM_PLAN=0, run the model's forward."""
+    position = len(session.tokens)
     with torch_threads(1):
-        logits = network(torch.tensor([[token]]), session.cache, len(session.tokens), last_only=True)[0, -1]
+        if session.plan is not None and session.plan[0] is session.cache:
+            plan = session.plan[1]
+            logits = (plan.run(token, position) if plan is not None else
+                      network(torch.tensor([[token]]), session.cache, position, last_only=True)[0, -1])
+        elif os.environ.get("TRILLM_PLAN", "1") != "0":
+            plan, logits = DecodePlan.record(network, session.cache, token, position)
+            session.plan = (session.cache, plan)
+        else:
+            logits = network(torch.tensor([[token]]), session.cache, position, last_only=True)[0, -1]
     session.tokens.append(token)
     return logits
 

@@ -10,6 +10,9 @@ class Session:
 
     cache: object = None
     tokens: list[int] = field(default_factory=list)
+    # (the cache it was recorded over, the decode plan or None where the steps cannot be one): see
+    # generate.decode_one_token
+    plan: tuple | None = None
     # Why the last generation ended: "stop" (a stop token or string), "length" (max_new_tokens), or
     # "context" (the context is full); None while it runs.
     finish_reason: str | None = None

@@ -115,8 +115,7 @@ class RMSNorm(nn.Module):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] (..., 2 * dim): the SwiGLU of Shazeer (2020)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return ops.swiglu(gate_up)
 
 
 # ---- Rotary position embeddings -----------------------------------------------------------------------
@@ -230,8 +229,9 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
-                 windows: list[int | None] | None = None):
+                 windows: list[int | None] | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.windows = windows or [None] * num_layers
+        self.rope = rope  # rope_cos_sin's tables for positions 0..max_length, or None (computed per call)
         slots = [max_length if window is None else min(window, max_length) for window in self.windows]
         self.keys = [torch.empty(batch, num_kv_heads, n, head_dim) for n in slots]
         self.values = [torch.empty(batch, num_kv_heads, n, head_dim) for n in slots]
@@ -396,13 +396,20 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
+        """A cache of max_length positions, with the RoPE tables of those positions (a decode step takes its
+        row, a view: native/plan.py records the steps that read it)."""
         c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length, self.windows)
+        rope = rope_cos_sin(self.inv_freq, torch.arange(max_length), self.attention_factor)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_length, self.windows, rope)
 
     def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept."""
-        rope = rope_cos_sin(self.inv_freq, torch.arange(start, start + input_ids.shape[1]), self.attention_factor)
+        end = start + input_ids.shape[1]
+        if cache is not None and cache.rope is not None and end <= cache.rope[0].shape[0]:
+            rope = cache.rope[0][start:end], cache.rope[1][start:end]
+        else:
+            rope = rope_cos_sin(self.inv_freq, torch.arange(start, end), self.attention_factor)
         x = self.embedding(input_ids)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, start)

@@ -186,8 +186,15 @@ def open_library(path: Path) -> ctypes.CDLL:
         # layers.c
         "trillm_rms_norm": ([pointer, pointer, size, size, real, pointer], None),
         "trillm_squared_relu_glu": ([pointer, size, size, pointer], None),
+        "trillm_swiglu": ([pointer, size, size, pointer], None),
+        "trillm_add": ([pointer, pointer, size, pointer], None),
         "trillm_clamped_swiglu": ([pointer, size, size, real, real, pointer], None),
         "trillm_attention_one_token": ([pointer] * 6 + [size] * 8 + [real, pointer], ctypes.c_int),
+        # plan.c
+        "trillm_plan_new": ([], pointer),
+        "trillm_plan_free": ([pointer], None),
+        "trillm_plan_add": ([pointer, ctypes.c_char_p, pointer, size, pointer, size], ctypes.c_int),
+        "trillm_plan_run": ([pointer, size], ctypes.c_int),
         # pool.c
         "trillm_set_num_threads": ([ctypes.c_int], None),
     }

@@ -10,7 +10,9 @@ torch ops, and each runs once or twice per layer per decoded token.
 import torch
 import torch.nn.functional as F
 
+from trillm.native import plan
 from trillm.native.build import check, load
+from trillm.native.plan import call
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -20,7 +22,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return reference_rms_norm(x, weight, eps)
     dim = weight.shape[0]
     out = torch.empty_like(x)
-    lib.trillm_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, eps, out.data_ptr())
+    call(lib.trillm_rms_norm, x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, eps, out.data_ptr())
     return out
 
 
@@ -36,13 +38,30 @@ def squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
         return reference_squared_relu_glu(gate_up)
     dim = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], dim)
-    lib.trillm_squared_relu_glu(gate_up.data_ptr(), out.numel() // dim, dim, out.data_ptr())
+    call(lib.trillm_squared_relu_glu, gate_up.data_ptr(), out.numel() // dim, dim, out.data_ptr())
     return out
 
 
 def reference_squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.relu(gate).square() * up
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] (..., 2 * dim): LLaMA's SwiGLU (Shazeer, 2020). Equal to the
+    twin up to the last bit of the sigmoid's exp."""
+    lib = load()
+    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
+        return reference_swiglu(gate_up)
+    dim = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], dim)
+    call(lib.trillm_swiglu, gate_up.data_ptr(), out.numel() // dim, dim, out.data_ptr())
+    return out
+
+
+def reference_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -54,7 +73,7 @@ def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
         return reference_clamped_swiglu(gate_up, alpha, limit)
     dim = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], dim)
-    lib.trillm_clamped_swiglu(gate_up.data_ptr(), out.numel() // dim, dim, alpha, limit, out.data_ptr())
+    call(lib.trillm_clamped_swiglu, gate_up.data_ptr(), out.numel() // dim, dim, alpha, limit, out.data_ptr())
     return out
 
 
@@ -91,6 +110,9 @@ def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
             or (sinks is not None and (sinks.dtype != torch.float32 or not sinks.is_contiguous()))):
         return reference_attend_one_token(qkv, cos, sin, keys, values, position, num_heads, sinks, window)
     out = torch.empty(batch, 1, num_heads * head_dim)
+    recorder = plan.recorder()
+    if recorder is not None:  # recorded to run at each token's position, not this one's
+        recorder.add_attention(qkv, cos, keys, values, sinks, position, num_heads, kv_heads, window, out)
     check(lib.trillm_attention_one_token(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
                                          values.data_ptr(), None if sinks is None else sinks.data_ptr(), batch,
                                          num_heads, kv_heads, head_dim, slot, length, keys.stride(0), keys.stride(1),

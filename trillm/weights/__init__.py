@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from trillm.native.build import load
-from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseLinear, check_dense
+from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseEmbedding, ReferenceDenseLinear, check_dense
 from trillm.weights.ggml import (
     GGMLEmbedding,
     GGMLLinear,
@@ -72,7 +72,7 @@ def make_embedding(weight: torch.Tensor | GGMLTensor) -> nn.Module:
     if isinstance(weight, GGMLTensor):
         return (GGMLEmbedding if load() is not None else ReferenceGGMLEmbedding)(weight)
     if isinstance(weight, torch.Tensor):
-        return DenseEmbedding(weight)
+        return (DenseEmbedding if load() is not None else ReferenceDenseEmbedding)(weight)
     raise TypeError(f"no embedding for a {type(weight).__name__}")
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from trillm.weights.linear import KERNEL_MAX_TOKENS, RowLinear, prompt_linear
+from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear, prompt_linear
 
 # The kernels know the dtypes by their ggml_type numbers (csrc/kernels.h).
 TYPE_CODES = {torch.float32: int(GGMLQuantizationType.F32), torch.float16: int(GGMLQuantizationType.F16),
@@ -58,8 +58,18 @@ class ReferenceDenseLinear(nn.Module):
         return prompt_linear(x.float(), self.weight, self.bias, self.prompt_bf16 and prompt)
 
 
-class DenseEmbedding(nn.Module):
-    """Token embeddings from a dense matrix in its stored dtype; the looked-up rows become float32."""
+class DenseEmbedding(RowEmbedding):
+    """Token embeddings from a dense matrix in its stored dtype; the native decoder turns the looked-up rows
+    into float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        check_dense(weight)
+        super().__init__(TYPE_CODES[weight.dtype], weight, tuple(weight.shape))
+        self.weight = self.stored
+
+
+class ReferenceDenseEmbedding(nn.Module):
+    """DenseEmbedding's reference twin: torch's lookup, then the rows upcast."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()

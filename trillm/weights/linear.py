@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trillm.native.build import check, load
+from trillm.native.plan import call
 
 # Up to this many tokens (decoding, short prompts) a matmul runs the kernel, which takes 8 tokens a pass
 # over the weights; longer inputs (prefill) decode the weights to float32 once and use torch's matmul.
@@ -93,7 +94,7 @@ class NativeLinear(nn.Module):
         if self.kernel_max_tokens is not None and tokens > self.kernel_max_tokens:
             return prompt_linear(x, self.prompt_weight(), self.bias, self.prompt_bf16)
         y = torch.empty((*x.shape[:-1], self.out_features))
-        code = self._matmul(x.data_ptr(), tokens, y.data_ptr())
+        code = call(self._matmul, x.data_ptr(), tokens, y.data_ptr())
         if code:
             check(code)
         if self.bias is not None:
@@ -142,5 +143,5 @@ class RowEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(flat.numel(), self.embedding_dim)
-        check(self._decode_rows(flat.data_ptr(), flat.numel(), out.data_ptr()))
+        check(call(self._decode_rows, flat.data_ptr(), flat.numel(), out.data_ptr()))
         return out.view(*ids.shape, self.embedding_dim)

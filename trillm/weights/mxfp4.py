@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trillm.native.build import load
+from trillm.native.plan import call
 from trillm.weights.linear import round_to_int8
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -160,7 +161,7 @@ class MXFP4Experts(nn.Module):
         y = torch.empty(x.shape[0], self.out_features)
         prompt = x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
         matmul = self._matmuls[self.prompt_activations if prompt else self.activations]
-        if matmul(groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
+        if call(matmul, groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
             raise ValueError(f"expert groups {groups.tolist()} for {x.shape[0]} rows: this bank has experts "
                              f"0 to {self.num_experts - 1}, and the counts must sum to the rows")
         return y

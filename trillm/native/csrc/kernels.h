@@ -81,6 +81,25 @@ int ggml_kernels(int type, struct row_kernels *k);
 void quantize_q8_k(const float *x, struct q8_k_block *out);
 void quantize_q8_32(const float *x, struct q8_32_block *out);
 
+/* The entry points a decode plan (plan.c) runs as its steps; each is described where it is defined. */
+int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
+                  int64_t tokens, float *y);
+int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
+                       int64_t tokens, float *y);
+int trillm_decode_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const int64_t *ids,
+                       int64_t n, float *out);
+int trillm_ternary_matmul(const uint8_t *tiles, int64_t rows, int64_t cols, const float *w_scale, int64_t scale_count,
+                          const float *x, int64_t tokens, float *y);
+void trillm_rms_norm(const float *x, const float *weight, int64_t rows, int64_t dim, float eps, float *out);
+void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, float *out);
+void trillm_swiglu(const float *gate_up, int64_t tokens, int64_t dim, float *out);
+void trillm_clamped_swiglu(const float *gate_up, int64_t rows, int64_t dim, float alpha, float limit, float *out);
+void trillm_add(const float *a, const float *b, int64_t n, float *out);
+int trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                               const float *sinks, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                               int64_t slot, int64_t length, int64_t kv_batch_stride, int64_t kv_head_stride,
+                               float scale, float *out);
+
 /* pool.c: run(arg, chunk, chunks) for every chunk of a job, spread over `threads` threads, the caller
  * included. With linger the workers spin a while afterwards, waiting for the next job; without, they
  * sleep at once (so they do not compete with torch's threads for the cores). */

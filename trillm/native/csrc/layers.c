@@ -70,6 +70,28 @@ void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, 
     }
 }
 
+/* out = silu(gate) * up = gate / (1 + e^-gate) * up for each of `tokens` rows of gate_up = [gate (dim) | up (dim)]:
+ * LLaMA's SwiGLU. out first holds e^-gate, by the vector exp. */
+void trillm_swiglu(const float *gate_up, int64_t tokens, int64_t dim, float *out) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *gate = gate_up + 2 * t * dim, *up = gate + dim;
+        float *row = out + t * dim;
+        int64_t i = 0;
+        for (; i + VLEN <= dim; i += VLEN)
+            vf_store(row + i, vf_exp(vf_mul(vf_load(gate + i), vf_set(-1.0f))));
+        for (; i < dim; i++)
+            row[i] = expf(-gate[i]);
+        for (i = 0; i < dim; i++)
+            row[i] = gate[i] / (1.0f + row[i]) * up[i];
+    }
+}
+
+/* out = a + b, n floats (a residual connection, a bias): what a decode plan (plan.c) runs for torch's add. */
+void trillm_add(const float *a, const float *b, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        out[i] = a[i] + b[i];
+}
+
 /* out = (clamp(up, -limit, limit) + 1) * g sigmoid(alpha g), g = min(gate, limit), for each of `rows` rows of
  * gate_up = [gate 0, up 0, gate 1, up 1, ...] (2 dim): gpt-oss's clamped SwiGLU, its release's interleaved
  * order. NaN stays NaN, as in torch's clamp. */
