@@ -38,6 +38,23 @@ def test_swiglu_equals_reference(native_level, shape):
     torch.testing.assert_close(expected, gate / (1 + torch.exp(-gate)) * up)
 
 
+@pytest.mark.parametrize("tokens, experts, k", [(1, 32, 4), (7, 8, 2), (40, 5, 5), (3, 16, 1)])
+def test_routing_equals_reference(native_level, tokens, experts, k):
+    generator = torch.Generator().manual_seed(tokens)
+    x, logits = torch.randn(tokens, 24, generator=generator), torch.randn(tokens, experts, generator=generator)
+    rows, groups, weights, token_of_row = ops.route_to_experts(x, logits, k)
+    expected = ops.reference_route_to_experts(x, logits, k)
+    assert torch.equal(rows, expected[0]) and torch.equal(groups, expected[1])
+    assert torch.equal(token_of_row, expected[3])
+    torch.testing.assert_close(weights, expected[2], rtol=1e-6, atol=1e-7)
+    y = torch.randn(tokens * k, 24, generator=generator)
+    torch.testing.assert_close(ops.combine_experts(y, weights, token_of_row, tokens),
+                               ops.reference_combine_experts(y, weights, token_of_row, tokens), rtol=1e-6, atol=1e-6)
+    a, b = torch.randn(3, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    assert torch.equal(ops.interleave(a, b), ops.reference_interleave(a, b))
+    assert torch.equal(ops.reference_interleave(a, b)[:, 1::2], b)
+
+
 def test_add_is_torch_s(native_level):
     """The step a decode plan runs for a residual connection or a bias: the same floats as torch's."""
     a, b = torch.randn(1000), torch.randn(1000)

@@ -1,6 +1,6 @@
 """Decode plans (native/plan.py): a recorded step, run again, gives exactly the logits of the model's own
-forward at every later position, for each family and format that plans; steps that cannot be a plan run in
-Python, unchanged; a plan belongs to the cache it was recorded over."""
+forward at every later position, for each family and format; steps that cannot be a plan run in Python,
+unchanged; a plan belongs to the cache it was recorded over."""
 
 import pytest
 import torch
@@ -56,14 +56,12 @@ def test_bitnet_plan(tmp_path, monkeypatch):
 
 
 @requires_native
-def test_unplannable_steps_run_in_python(tmp_path, monkeypatch):
-    """gpt-oss's routing is torch code between the kernels: its steps stay the model's forward."""
-    write_preset("gpt-oss-tiny", tmp_path / "gpt-oss")
-    network = trillm.load(tmp_path / "gpt-oss").network
-    expected, _ = decode(network, 3, False, monkeypatch)
-    actual, session = decode(network, 3, True, monkeypatch)
-    assert session.plan is not None and session.plan[1] is None
-    assert torch.equal(actual, expected)
+@pytest.mark.parametrize("layout", ["release", "gguf"])
+def test_gpt_oss_plan(tmp_path, monkeypatch, layout):
+    """Routing, MXFP4 experts (llama.cpp's two banks interleaved), sinks, sliding windows, biases."""
+    path = tmp_path / ("gpt-oss.gguf" if layout == "gguf" else "gpt-oss")
+    write_preset("gpt-oss-tiny", path, layout)
+    assert_plan_equals_forward(trillm.load(path).network, monkeypatch, steps=10)
 
 
 class WindowedAttention(nn.Module):
@@ -103,6 +101,32 @@ def test_plan_attention_follows_the_ring_past_its_window(monkeypatch):
         session = Session(network.new_cache(1, 32))
         actual = [decode_one_token(network, session, 7 + i) for i in range(12)]
     assert session.plan[1] is not None
+    assert torch.equal(torch.stack(actual), torch.stack(expected))
+
+
+class UnplannableAttention(nn.Module):
+    """WindowedAttention with a torch op no plan step runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = WindowedAttention(window=4)
+        self.new_cache = self.inner.new_cache
+
+    def forward(self, ids, cache, start, last_only=False):
+        return self.inner(ids, cache, start) * 2
+
+
+@requires_native
+def test_unplannable_steps_run_in_python(monkeypatch):
+    network = UnplannableAttention()
+    monkeypatch.setenv("TRILLM_PLAN", "0")
+    with torch.inference_mode():
+        session = Session(network.new_cache(1, 16))
+        expected = [decode_one_token(network, session, 7 + i) for i in range(6)]
+        monkeypatch.setenv("TRILLM_PLAN", "1")
+        session = Session(network.new_cache(1, 16))
+        actual = [decode_one_token(network, session, 7 + i) for i in range(6)]
+    assert session.plan is not None and session.plan[1] is None
     assert torch.equal(torch.stack(actual), torch.stack(expected))
 
 

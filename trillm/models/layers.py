@@ -349,13 +349,8 @@ def mixture_of_experts(x: torch.Tensor, router_logits: torch.Tensor, experts_per
     gpt-oss). `experts(rows, groups)` runs all the routed copies of the tokens at once, sorted by expert:
     groups (g, 2) holds each expert and its number of rows, so that a prompt reads each expert's weights
     once and a decode step makes one call for its few experts."""
-    top_logits, chosen = router_logits.topk(experts_per_token, dim=-1)
-    weights = top_logits.softmax(dim=-1).flatten()
-    order = chosen.flatten().argsort(stable=True)  # the (token, rank) pairs by expert
-    token = order // experts_per_token
-    expert, count = chosen.flatten()[order].unique_consecutive(return_counts=True)
-    y = experts(x[token], torch.stack([expert, count], dim=1))
-    return torch.zeros_like(x).index_add_(0, token, y * weights[order, None])
+    rows, groups, weights, tokens = ops.route_to_experts(x, router_logits, experts_per_token)
+    return ops.combine_experts(experts(rows, groups), weights, tokens, x.shape[0])
 
 
 # ---- The decoder: pre-norm residual blocks between an embedding and an output head ----------------------

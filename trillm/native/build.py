@@ -188,6 +188,10 @@ def open_library(path: Path) -> ctypes.CDLL:
         "trillm_squared_relu_glu": ([pointer, size, size, pointer], None),
         "trillm_swiglu": ([pointer, size, size, pointer], None),
         "trillm_add": ([pointer, pointer, size, pointer], None),
+        "trillm_route_to_experts": ([pointer, pointer, size, size, size, size, pointer, pointer, pointer, pointer,
+                                     pointer], ctypes.c_int),
+        "trillm_combine_experts": ([pointer, pointer, pointer, size, size, size, pointer], None),
+        "trillm_interleave": ([pointer, pointer, size, pointer], None),
         "trillm_clamped_swiglu": ([pointer, size, size, real, real, pointer], None),
         "trillm_attention_one_token": ([pointer] * 6 + [size] * 8 + [real, pointer], ctypes.c_int),
         # plan.c

@@ -83,6 +83,68 @@ def reference_clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) 
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def route_to_experts(x: torch.Tensor, router_logits: torch.Tensor, k: int):
+    """A mixture of experts' routing of tokens x (n, dim) by their router logits (n, experts): each token's k
+    highest logits and a softmax over those alone, then the (token, rank) pairs sorted by expert, stably.
+    Returns rows (n k, dim), each pair's token's x in that order; groups (g, 2) int64 of (expert, rows) in
+    increasing expert order; weights (n k,) and tokens (n k,) int64, each row's softmax weight and token."""
+    lib = load()
+    n, dim = x.shape
+    experts = router_logits.shape[-1]
+    if (lib is None or x.dtype != torch.float32 or not x.is_contiguous() or router_logits.dtype != torch.float32
+            or not router_logits.is_contiguous() or not 1 <= k <= experts <= 1024):
+        return reference_route_to_experts(x, router_logits, k)
+    rows, weights = torch.empty(n * k, dim), torch.empty(n * k)
+    tokens, groups = torch.empty(n * k, dtype=torch.int64), torch.empty(experts, 2, dtype=torch.int64)
+    count = torch.empty(1, dtype=torch.int64)
+    check(call(lib.trillm_route_to_experts, x.data_ptr(), router_logits.data_ptr(), n, dim, experts, k, rows.data_ptr(),
+               tokens.data_ptr(), weights.data_ptr(), groups.data_ptr(), count.data_ptr()))
+    # one token's k experts are distinct: its groups are k, known without reading the count back (which a
+    # decode plan could not do at each run: native/plan.py)
+    return rows, groups[:k if n == 1 else int(count)], weights, tokens
+
+
+def reference_route_to_experts(x: torch.Tensor, router_logits: torch.Tensor, k: int):
+    top_logits, chosen = router_logits.topk(k, dim=-1)
+    weights = top_logits.softmax(dim=-1).flatten()
+    order = chosen.flatten().argsort(stable=True)  # the (token, rank) pairs by expert
+    expert, count = chosen.flatten()[order].unique_consecutive(return_counts=True)
+    tokens = order // k
+    return x[tokens], torch.stack([expert, count], dim=1), weights[order], tokens
+
+
+def combine_experts(y: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, dim): for each token, the sum of its routed rows y (rows, dim) times their weights (rows,), in
+    the rows' order; `tokens` (rows,) int64 names each row's token."""
+    lib = load()
+    if (lib is None or y.dtype != torch.float32 or not y.is_contiguous() or weights.dtype != torch.float32
+            or not weights.is_contiguous() or tokens.dtype != torch.int64 or not tokens.is_contiguous()):
+        return reference_combine_experts(y, weights, tokens, n)
+    out = torch.empty(n, y.shape[-1])
+    call(lib.trillm_combine_experts, y.data_ptr(), weights.data_ptr(), tokens.data_ptr(), y.shape[0], y.shape[-1], n,
+         out.data_ptr())
+    return out
+
+
+def reference_combine_experts(y: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    return y.new_zeros(n, y.shape[-1]).index_add_(0, tokens, y * weights[:, None])
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., 2 d): a's and b's last dimension (d) interleaved, a[..., 0], b[..., 0], a[..., 1], ..."""
+    lib = load()
+    if (lib is None or a.dtype != torch.float32 or b.dtype != torch.float32 or not a.is_contiguous()
+            or not b.is_contiguous() or a.shape != b.shape):
+        return reference_interleave(a, b)
+    out = torch.empty(*a.shape[:-1], 2 * a.shape[-1])
+    call(lib.trillm_interleave, a.data_ptr(), b.data_ptr(), a.numel(), out.data_ptr())
+    return out
+
+
+def reference_interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([a, b], dim=-1).flatten(-2)
+
+
 def attend_one_token(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, position: int, num_heads: int, sinks: torch.Tensor | None = None,
                      window: int | None = None) -> torch.Tensor:

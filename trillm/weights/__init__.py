@@ -14,6 +14,7 @@ formats or kernels.
 import torch
 from torch import nn
 
+from trillm.native import ops
 from trillm.native.build import load
 from trillm.weights.dense import DenseEmbedding, DenseLinear, ReferenceDenseEmbedding, ReferenceDenseLinear, check_dense
 from trillm.weights.ggml import (
@@ -135,14 +136,16 @@ class StackedLinear(nn.Module):
 
 
 class InterleavedExperts(nn.Module):
-    """Banks of experts over the same input whose output rows are interleaved (see make_experts)."""
+    """Two banks of experts over the same input whose output rows are interleaved (see make_experts)."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
+        if len(parts) != 2:
+            raise ValueError(f"interleaved experts come as two banks (gate and up), not {len(parts)}")
         self.parts = nn.ModuleList(parts)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        return torch.stack([part(x, groups) for part in self.parts], dim=-1).flatten(-2)
+        return ops.interleave(self.parts[0](x, groups), self.parts[1](x, groups))
 
 
 def weight_bytes_per_token(network: nn.Module) -> int:

@@ -95,6 +95,16 @@ void trillm_squared_relu_glu(const float *gate_up, int64_t tokens, int64_t dim, 
 void trillm_swiglu(const float *gate_up, int64_t tokens, int64_t dim, float *out);
 void trillm_clamped_swiglu(const float *gate_up, int64_t rows, int64_t dim, float alpha, float limit, float *out);
 void trillm_add(const float *a, const float *b, int64_t n, float *out);
+int trillm_mxfp4_experts(int interleaved, int activations, const uint8_t *qs, int64_t qs_block, int64_t qs_row,
+                         int64_t qs_expert, const uint8_t *scales, int64_t scale_block, int64_t scale_row,
+                         int64_t scale_expert, int64_t experts, int64_t rows, int64_t cols, const float *bias,
+                         const int64_t (*groups)[2], int64_t n_groups, const float *x, int64_t tokens, float *y);
+int trillm_route_to_experts(const float *x, const float *logits, int64_t tokens, int64_t dim, int64_t experts,
+                            int64_t k, float *rows, int64_t *token_of_row, float *weight_of_row, int64_t *groups,
+                            int64_t *n_groups);
+void trillm_combine_experts(const float *y, const float *weight_of_row, const int64_t *token_of_row, int64_t n,
+                            int64_t dim, int64_t tokens, float *out);
+void trillm_interleave(const float *a, const float *b, int64_t n, float *out);
 int trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
                                const float *sinks, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                int64_t slot, int64_t length, int64_t kv_batch_stride, int64_t kv_head_stride,

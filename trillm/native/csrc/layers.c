@@ -92,6 +92,88 @@ void trillm_add(const float *a, const float *b, int64_t n, float *out) {
         out[i] = a[i] + b[i];
 }
 
+/* A mixture of experts' routing (models/layers.py: mixture_of_experts) for `tokens` tokens x (tokens, dim)
+ * and their router logits (tokens, experts): each token's k highest logits (the lower index first among
+ * equals) and a softmax over those k; then the (token, rank) pairs sorted by expert, stably, as
+ * argsort(stable=True) sorts them. Out: rows (tokens k, dim), the token of each pair copied, in that order;
+ * token_of_row and weight_of_row (tokens k) beside them; groups (experts, 2) of (expert, rows) for the
+ * experts routed to, in increasing order, and their number in *n_groups. Returns ERROR_SHAPE unless
+ * 1 <= k <= experts <= MAX_ROUTED_EXPERTS. */
+#define MAX_ROUTED_EXPERTS 1024
+int trillm_route_to_experts(const float *x, const float *logits, int64_t tokens, int64_t dim, int64_t experts,
+                            int64_t k, float *rows, int64_t *token_of_row, float *weight_of_row, int64_t *groups,
+                            int64_t *n_groups) {
+    if (k < 1 || k > experts || experts > MAX_ROUTED_EXPERTS || tokens < 0)
+        return ERROR_SHAPE;
+    int64_t *chosen = malloc(tokens * k * sizeof *chosen), counts[MAX_ROUTED_EXPERTS] = {0};
+    float *weights = malloc(tokens * k * sizeof *weights);
+    if (!chosen || !weights) {
+        free(chosen), free(weights);
+        return ERROR_MEMORY;
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = logits + t * experts;
+        int64_t *top = chosen + t * k;
+        float *w = weights + t * k;
+        for (int64_t j = 0; j < k; j++) { /* the j-th highest: k is a handful */
+            int64_t best = -1;
+            for (int64_t e = 0; e < experts; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++)
+                    taken |= top[i] == e;
+                if (!taken && (best < 0 || row[e] > row[best]))
+                    best = e;
+            }
+            top[j] = best;
+            counts[best]++;
+        }
+        float sum = 0.0f; /* softmax over the chosen, as torch: e^(l - max) / sum */
+        for (int64_t j = 0; j < k; j++)
+            sum += w[j] = expf(row[top[j]] - row[top[0]]);
+        for (int64_t j = 0; j < k; j++)
+            w[j] /= sum;
+    }
+    int64_t start[MAX_ROUTED_EXPERTS], next = 0, g = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        start[e] = next;
+        next += counts[e];
+        if (counts[e]) {
+            groups[2 * g] = e;
+            groups[2 * g++ + 1] = counts[e];
+        }
+    }
+    *n_groups = g;
+    for (int64_t pair = 0; pair < tokens * k; pair++) { /* in (token, rank) order: a stable sort */
+        int64_t row = start[chosen[pair]]++;
+        token_of_row[row] = pair / k;
+        weight_of_row[row] = weights[pair];
+        memcpy(rows + row * dim, x + pair / k * dim, dim * sizeof *rows);
+    }
+    free(chosen), free(weights);
+    return OK;
+}
+
+/* out (tokens, dim) = for each token, the sum of its routed rows y (n, dim) times their weights, added in
+ * the rows' order (index_add_'s). */
+void trillm_combine_experts(const float *y, const float *weight_of_row, const int64_t *token_of_row, int64_t n,
+                            int64_t dim, int64_t tokens, float *out) {
+    memset(out, 0, tokens * dim * sizeof *out);
+    for (int64_t row = 0; row < n; row++) {
+        float *o = out + token_of_row[row] * dim;
+        const float *in = y + row * dim, w = weight_of_row[row];
+        for (int64_t i = 0; i < dim; i++)
+            o[i] += in[i] * w;
+    }
+}
+
+/* out = [a0, b0, a1, b1, ...], n floats of each: two banks' outputs, their rows interleaved. */
+void trillm_interleave(const float *a, const float *b, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        out[2 * i] = a[i];
+        out[2 * i + 1] = b[i];
+    }
+}
+
 /* out = (clamp(up, -limit, limit) + 1) * g sigmoid(alpha g), g = min(gate, limit), for each of `rows` rows of
  * gate_up = [gate 0, up 0, gate 1, up 1, ...] (2 dim): gpt-oss's clamped SwiGLU, its release's interleaved
  * order. NaN stays NaN, as in torch's clamp. */

@@ -11,7 +11,7 @@
 
 #include "kernels.h"
 
-#define STEP_INTEGERS 16
+#define STEP_INTEGERS 20
 #define STEP_FLOATS 2
 
 typedef int step_fn(const int64_t *i, const float *f, int64_t position);
@@ -73,6 +73,30 @@ static int run_clamped_swiglu(const int64_t *i, const float *f, int64_t position
     return OK;
 }
 
+static int run_mxfp4_experts(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    return trillm_mxfp4_experts((int)i[0], (int)i[1], POINTER(2), i[3], i[4], i[5], POINTER(6), i[7], i[8], i[9],
+                                i[10], i[11], i[12], POINTER(13), POINTER(14), i[15], POINTER(16), i[17], POINTER(18));
+}
+
+static int run_route_to_experts(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    return trillm_route_to_experts(POINTER(0), POINTER(1), i[2], i[3], i[4], i[5], POINTER(6), POINTER(7),
+                                   POINTER(8), POINTER(9), POINTER(10));
+}
+
+static int run_combine_experts(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    trillm_combine_experts(POINTER(0), POINTER(1), POINTER(2), i[3], i[4], i[5], POINTER(6));
+    return OK;
+}
+
+static int run_interleave(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    trillm_interleave(POINTER(0), POINTER(1), i[2], POINTER(3));
+    return OK;
+}
+
 static int run_add(const int64_t *i, const float *f, int64_t position) {
     (void)f, (void)position;
     trillm_add(POINTER(0), POINTER(1), i[2], POINTER(3));
@@ -107,6 +131,10 @@ static const struct {
     {"trillm_swiglu", run_swiglu},
     {"trillm_clamped_swiglu", run_clamped_swiglu},
     {"trillm_add", run_add},
+    {"trillm_mxfp4_experts", run_mxfp4_experts},
+    {"trillm_route_to_experts", run_route_to_experts},
+    {"trillm_combine_experts", run_combine_experts},
+    {"trillm_interleave", run_interleave},
     {"attention_at_position", run_attention},
 };
 
