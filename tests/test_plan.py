@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import trillm
+from test_gguf_llama import write_case
 from test_llama import save_random_llama
 from trillm.engine import Session, decode_one_token, prefill
 from trillm.models.layers import KVCache, rope_cos_sin
@@ -46,6 +47,14 @@ def test_llama_folder_plan(tmp_path, monkeypatch):
     """Dense bf16 weights and embedding, untied head."""
     save_random_llama(tmp_path, {"tie_word_embeddings": False}, dtype=torch.bfloat16)
     assert_plan_equals_forward(trillm.load(tmp_path).network, monkeypatch)
+
+
+@requires_native
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_llama_gguf_with_mixed_types_plan(tmp_path, monkeypatch, activations):
+    """As llama.cpp's Q4_K_M writes files: q/k/v and gate/up of several types, one matmul each, concatenated."""
+    write_case(tmp_path, "mixed-types-gqa2-tied")
+    assert_plan_equals_forward(trillm.load(tmp_path / "model.gguf", activations=activations).network, monkeypatch)
 
 
 @requires_native

@@ -192,6 +192,7 @@ def open_library(path: Path) -> ctypes.CDLL:
                                      pointer], ctypes.c_int),
         "trillm_combine_experts": ([pointer, pointer, pointer, size, size, size, pointer], None),
         "trillm_interleave": ([pointer, pointer, size, pointer], None),
+        "trillm_copy": ([pointer, size, pointer], None),
         "trillm_clamped_swiglu": ([pointer, size, size, real, real, pointer], None),
         "trillm_attention_one_token": ([pointer] * 6 + [size] * 8 + [real, pointer], ctypes.c_int),
         # plan.c

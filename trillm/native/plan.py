@@ -47,7 +47,8 @@ def call(function, *arguments):
 
 
 # The torch functions a step may call between its native ones: what a run need not repeat (reading a
-# tensor's metadata, allocating, viewing memory that is already there), and additions, which become steps.
+# tensor's metadata, allocating, viewing memory that is already there), and additions and the
+# concatenation of single rows (StackedLinear's, for files that mix types in q/k/v), which become steps.
 METADATA = {"__get__", "data_ptr", "is_contiguous", "numel", "stride", "size", "dim", "element_size"}
 ALLOCATIONS = {"empty", "empty_like"}
 VIEWS = {"view", "reshape", "__getitem__", "to", "float", "contiguous", "chunk", "split", "unsqueeze", "squeeze",
@@ -74,10 +75,19 @@ class StepFunctions(TorchFunctionMode):
                     raise PlanUnsupported(f"{name} copied its input")
         elif name in ADDITIONS and not kwargs and self.addable(*args[:2], out):
             self.plan.add_step("trillm_add", [args[0].data_ptr(), args[1].data_ptr(), out.numel(), out.data_ptr()])
+        elif name == "cat" and all(self.one_row(t) for t in (*args[0], out)):
+            offset = 0
+            for part in args[0]:
+                self.plan.add_step("trillm_copy", [part.data_ptr(), part.numel(), out.data_ptr() + 4 * offset])
+                offset += part.numel()
         else:
             raise PlanUnsupported(f"torch function {name}")
         self.plan.keep(out)
         return out
+
+    @staticmethod
+    def one_row(t) -> bool:
+        return t.dtype == torch.float32 and t.is_contiguous() and t.numel() == t.shape[-1]
 
     @staticmethod
     def addable(a, b, out) -> bool:

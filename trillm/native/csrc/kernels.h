@@ -105,6 +105,7 @@ int trillm_route_to_experts(const float *x, const float *logits, int64_t tokens,
 void trillm_combine_experts(const float *y, const float *weight_of_row, const int64_t *token_of_row, int64_t n,
                             int64_t dim, int64_t tokens, float *out);
 void trillm_interleave(const float *a, const float *b, int64_t n, float *out);
+void trillm_copy(const float *a, int64_t n, float *out);
 int trillm_attention_one_token(const float *qkv, const float *cos, const float *sin, float *keys, float *values,
                                const float *sinks, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                int64_t slot, int64_t length, int64_t kv_batch_stride, int64_t kv_head_stride,

@@ -166,6 +166,9 @@ void trillm_combine_experts(const float *y, const float *weight_of_row, const in
     }
 }
 
+/* out = a, n floats: what a decode plan runs for torch.cat of single rows (plan.c). */
+void trillm_copy(const float *a, int64_t n, float *out) { memcpy(out, a, n * sizeof *out); }
+
 /* out = [a0, b0, a1, b1, ...], n floats of each: two banks' outputs, their rows interleaved. */
 void trillm_interleave(const float *a, const float *b, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) {

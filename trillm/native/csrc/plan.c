@@ -97,6 +97,12 @@ static int run_interleave(const int64_t *i, const float *f, int64_t position) {
     return OK;
 }
 
+static int run_copy(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    trillm_copy(POINTER(0), i[1], POINTER(2));
+    return OK;
+}
+
 static int run_add(const int64_t *i, const float *f, int64_t position) {
     (void)f, (void)position;
     trillm_add(POINTER(0), POINTER(1), i[2], POINTER(3));
@@ -131,6 +137,7 @@ static const struct {
     {"trillm_swiglu", run_swiglu},
     {"trillm_clamped_swiglu", run_clamped_swiglu},
     {"trillm_add", run_add},
+    {"trillm_copy", run_copy},
     {"trillm_mxfp4_experts", run_mxfp4_experts},
     {"trillm_route_to_experts", run_route_to_experts},
     {"trillm_combine_experts", run_combine_experts},
