@@ -149,9 +149,10 @@ def load(source=None, ctx_size: int | None = None, head: str | None = None, dens
     int8 activations; see weights/head.py); None, the family's default: as stored for LLaMA, q6_k for
     BitNet (models/bitnet.py: DEFAULT_HEAD).
 
-    LLaMA only: `activations` "int8" quantizes each matmul's activations to int8 per 32, as llama.cpp does,
-    for weights in GGML blocks that have such a kernel (Q8_0, Q4_0, Q4_1, Q6_K): faster decoding, logits no
-    longer exactly transformers'; None or "float32" (the default) keeps them exact.
+    LLaMA only: `activations` "int8" quantizes each matmul's activations to int8 (per 32, or 256 for the K
+    types), as llama.cpp does, for weights in GGML blocks that have such a kernel (Q8_0, Q4_0, Q4_1, Q4_K,
+    Q5_K, Q6_K): faster decoding, logits no longer exactly transformers'; None or "float32" (the default)
+    keeps them exact.
 
     gpt-oss only: `dense` "q8_0" re-stores the attention projections and (unless `head` says otherwise) the
     head in Q8_0, as llama.cpp's GGUF files have them; None keeps them as stored. `expert_activations`

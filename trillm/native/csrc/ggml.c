@@ -494,6 +494,98 @@ INT8_32_FORMAT(q4_0, INT8_Q4_0, 18)
 INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
 #undef INT8_32_FORMAT
 
+/* ---- Q4_K and Q5_K times int8 activations ----------------------------------------------------------------
+ *
+ * As llama.cpp's ggml_vec_dot_q4_K_q8_K and q5_K_q8_K: the activations per 256 (quantize_q8_k), each
+ * sub-block's unsigned codes (4 or 5 bits) multiplied by them as integers, its 6-bit scale applied to the
+ * integer sum, and the minimum paid from the activations' sums per 16: sum w x = d_x (d sum_s scale_s
+ * sum q x_q - dmin sum_s min_s sum x_q). All integers fit int32 (|sum| < 2^26).
+ */
+
+/* The block's d_x (d sum_s scale_s sum_i q_i x_i - dmin sum_s min_s sum_i x_i), q the codes of Q4_K
+ * (five = 0) or Q5_K (five = 1). */
+static ALWAYS_INLINE float k_quant_int8_block(const int five, const uint8_t *b, const struct q8_k_block *x) {
+    int scales[8], mins[8];
+    int32_t min_total = 0, total = 0;
+    for (int s = 0; s < 8; s++) {
+        k_scale_min(b + 4, s, &scales[s], &mins[s]);
+        min_total += mins[s] * (x->sums[2 * s] + x->sums[2 * s + 1]);
+    }
+    const uint8_t *qs = b + (five ? 48 : 16), *qh = b + 16;
+#if defined(__AVX2__)
+    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int pair = 0; pair < 4; pair++) { /* sub-blocks 2 pair (low nibbles) and 2 pair + 1 (high) */
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * pair));
+        __m256i low = _mm256_and_si256(bytes, low4), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        if (five) { /* bit s of byte j: weight j of sub-block s, moved to bit 4 */
+            __m256i fifth = _mm256_loadu_si256((const __m256i *)qh);
+            low = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 2 * pair), one), 4));
+            high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(fifth, 2 * pair + 1), one), 4));
+        }
+        /* unsigned codes (at most 31) times int8: pairs of products within int16 */
+        __m256i low_products = _mm256_maddubs_epi16(low, _mm256_load_si256((const __m256i *)(x->q + 64 * pair)));
+        __m256i high_products = _mm256_maddubs_epi16(high, _mm256_load_si256((const __m256i *)(x->q + 64 * pair + 32)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(low_products, _mm256_set1_epi16((short)scales[2 * pair])));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(high_products, _mm256_set1_epi16((short)scales[2 * pair + 1])));
+    }
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));
+    total = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(2, 3, 0, 1))));
+#else
+    for (int s = 0; s < 8; s++) {
+        int32_t sub = 0;
+        for (int j = 0; j < 32; j++) {
+            int q = qs[32 * (s / 2) + j] >> (4 * (s % 2)) & 15;
+            if (five)
+                q |= (qh[j] >> s & 1) << 4;
+            sub += q * x->q[32 * s + j];
+        }
+        total += scales[s] * sub;
+    }
+#endif
+    return x->d * (fp16_at(b) * (float)total - fp16_at(b + 2) * (float)min_total);
+}
+
+/* Rows r0..r1 for a constant number of tokens, blocks alternating between two accumulators. */
+static ALWAYS_INLINE void k_quant_int8_tokens(const int five, const int tokens, const struct matmul_job *job,
+                                              int64_t r0, int64_t r1) {
+    const int64_t blocks = job->cols / QK_K, block_bytes = five ? 176 : 144;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *block = job->w + r * job->row_bytes;
+        float even[MAX_TOKENS] = {0}, odd[MAX_TOKENS] = {0};
+        for (int64_t b = 0; b < blocks; b++, block += block_bytes) {
+            prefetch_row_ahead(block, (int)block_bytes);
+            for (int t = 0; t < tokens; t++) {
+                float value = k_quant_int8_block(five, block, job->x8 + t * blocks + b);
+                if (b % 2)
+                    odd[t] += value;
+                else
+                    even[t] += value;
+            }
+        }
+        for (int t = 0; t < tokens; t++)
+            job->y[t * job->y_stride + r] = even[t] + odd[t];
+    }
+}
+
+#define K_QUANT_INT8_FORMAT(name, five)                                                                     \
+    static void name##_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {            \
+        switch (job->tokens) { /* the token count a constant, so the accumulators live in registers */      \
+        case 1: k_quant_int8_tokens(five, 1, job, r0, r1); break;                                          \
+        case 2: k_quant_int8_tokens(five, 2, job, r0, r1); break;                                          \
+        case 3: k_quant_int8_tokens(five, 3, job, r0, r1); break;                                          \
+        case 4: k_quant_int8_tokens(five, 4, job, r0, r1); break;                                          \
+        case 5: k_quant_int8_tokens(five, 5, job, r0, r1); break;                                          \
+        case 6: k_quant_int8_tokens(five, 6, job, r0, r1); break;                                          \
+        case 7: k_quant_int8_tokens(five, 7, job, r0, r1); break;                                          \
+        case 8: k_quant_int8_tokens(five, 8, job, r0, r1); break;                                          \
+        }                                                                                                  \
+    }
+K_QUANT_INT8_FORMAT(q4_k, 0)
+K_QUANT_INT8_FORMAT(q5_k, 1)
+#undef K_QUANT_INT8_FORMAT
+
 int ggml_kernels(int type, struct row_kernels *k) {
     switch (type) {
     case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row, q8_0_int8_matmul_rows, 32}; return 1;
@@ -501,8 +593,8 @@ int ggml_kernels(int type, struct row_kernels *k) {
     case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row, q4_1_int8_matmul_rows, 32}; return 1;
     case TYPE_Q5_0: *k = (struct row_kernels){q5_0_matmul_rows, q5_0_decode_row}; return 1;
     case TYPE_Q5_1: *k = (struct row_kernels){q5_1_matmul_rows, q5_1_decode_row}; return 1;
-    case TYPE_Q4_K: *k = (struct row_kernels){q4_k_matmul_rows, q4_k_decode_row}; return 1;
-    case TYPE_Q5_K: *k = (struct row_kernels){q5_k_matmul_rows, q5_k_decode_row}; return 1;
+    case TYPE_Q4_K: *k = (struct row_kernels){q4_k_matmul_rows, q4_k_decode_row, q4_k_int8_matmul_rows, QK_K}; return 1;
+    case TYPE_Q5_K: *k = (struct row_kernels){q5_k_matmul_rows, q5_k_decode_row, q5_k_int8_matmul_rows, QK_K}; return 1;
     case TYPE_Q6_K: *k = (struct row_kernels){q6_k_matmul_rows, q6_k_decode_row, q6_k_int8_matmul_rows, QK_K}; return 1;
     }
     return 0;
