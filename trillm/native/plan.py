@@ -138,6 +138,8 @@ class DecodePlan:
     def run(self, token: int, position: int) -> torch.Tensor:
         """The decode step of `token` at `position`: its logits (vocab,), a copy (the next run overwrites
         the plan's own)."""
+        if not 0 <= position < self.cache.max_length:  # as the model's own step says it (layers.cache_slot)
+            raise ValueError(f"position {position} is past the cache's {self.cache.max_length} positions")
         self.ids.fill_(token)
         check(self.lib.trillm_plan_run(self.handle, position))
         return self.logits[0, -1].clone()
