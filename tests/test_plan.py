@@ -19,18 +19,20 @@ from trillm.weights import make_embedding, make_linear
 requires_native = pytest.mark.skipif(build.load() is None, reason="the native kernels could not be built")
 
 
-def decode(network, steps: int, planned: bool, monkeypatch, cache_length: int = 64) -> tuple[torch.Tensor, Session]:
+def decode(network, steps: int, planned: bool, monkeypatch, prompt=(3, 1, 4, 1, 5)) -> tuple[torch.Tensor, Session]:
+    """The logits of `steps` decode steps after the prompt, with plans or without; and the session."""
     monkeypatch.setenv("TRILLM_PLAN", "1" if planned else "0")
     with torch.inference_mode():
-        session = Session(network.new_cache(1, cache_length))
-        prefill(network, session, [3, 1, 4, 1, 5])
+        session = Session(network.new_cache(1, 32))
+        if prompt:
+            prefill(network, session, list(prompt))
         logits = [decode_one_token(network, session, 9 + 2 * i) for i in range(steps)]
     return torch.stack(logits), session
 
 
-def assert_plan_equals_forward(network, monkeypatch, steps: int = 6):
-    expected, _ = decode(network, steps, False, monkeypatch)
-    actual, session = decode(network, steps, True, monkeypatch)
+def assert_plan_equals_forward(network, monkeypatch, steps: int = 6, prompt=(3, 1, 4, 1, 5)):
+    expected, _ = decode(network, steps, False, monkeypatch, prompt)
+    actual, session = decode(network, steps, True, monkeypatch, prompt)
     assert session.plan[1] is not None, "the step should have been recorded as a plan"
     assert torch.equal(actual, expected)
 
@@ -101,16 +103,7 @@ class WindowedAttention(nn.Module):
 
 @requires_native
 def test_plan_attention_follows_the_ring_past_its_window(monkeypatch):
-    network = WindowedAttention(window=4)
-    monkeypatch.setenv("TRILLM_PLAN", "0")
-    with torch.inference_mode():
-        session = Session(network.new_cache(1, 32))
-        expected = [decode_one_token(network, session, 7 + i) for i in range(12)]
-        monkeypatch.setenv("TRILLM_PLAN", "1")
-        session = Session(network.new_cache(1, 32))
-        actual = [decode_one_token(network, session, 7 + i) for i in range(12)]
-    assert session.plan[1] is not None
-    assert torch.equal(torch.stack(actual), torch.stack(expected))
+    assert_plan_equals_forward(WindowedAttention(window=4), monkeypatch, steps=12, prompt=())
 
 
 class UnplannableAttention(nn.Module):
@@ -128,15 +121,10 @@ class UnplannableAttention(nn.Module):
 @requires_native
 def test_unplannable_steps_run_in_python(monkeypatch):
     network = UnplannableAttention()
-    monkeypatch.setenv("TRILLM_PLAN", "0")
-    with torch.inference_mode():
-        session = Session(network.new_cache(1, 16))
-        expected = [decode_one_token(network, session, 7 + i) for i in range(6)]
-        monkeypatch.setenv("TRILLM_PLAN", "1")
-        session = Session(network.new_cache(1, 16))
-        actual = [decode_one_token(network, session, 7 + i) for i in range(6)]
+    expected, _ = decode(network, 6, False, monkeypatch, prompt=())
+    actual, session = decode(network, 6, True, monkeypatch, prompt=())
     assert session.plan is not None and session.plan[1] is None
-    assert torch.equal(torch.stack(actual), torch.stack(expected))
+    assert torch.equal(actual, expected)
 
 
 @requires_native
