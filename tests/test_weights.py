@@ -23,6 +23,7 @@ from trillm.weights.ggml import (
     ReferenceGGMLLinear,
     dequantize_ggml,
     quantize_q6_k,
+    takes_int8,
 )
 
 Q = GGMLQuantizationType
@@ -188,7 +189,7 @@ def test_int8_kernels_equal_their_reference(native_level, qtype, tokens):
         native_layer = GGMLLinear(weight, int8_activations=True)
         actual, expected = native_layer(x), ReferenceGGMLLinear(weight, int8_activations=True)(x)
         float_matmul = ReferenceGGMLLinear(weight)(x)
-        if tokens > KERNEL_MAX_TOKENS:  # prefill: float activations, as for every format
+        if not takes_int8(weight, True, tokens):  # this type's prompts: float activations
             assert_matmul_close(actual, float_matmul, x, dequantize_ggml(weight))
             continue
         assert_int8_matmul_equal(actual, expected, x, dequantize_ggml(weight))
