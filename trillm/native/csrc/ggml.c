@@ -1,9 +1,10 @@
 /* GGML block formats: matrix products straight from the stored blocks, and block decoding.
  *
  * Block layouts follow llama.cpp's ggml-common.h and dequantize_row_* in ggml-quants.c. Unlike
- * llama.cpp's vec_dot kernels, the activations stay float32 (they are never quantized), so a product
- * equals a float32 matmul over the dequantized weights, which is what transformers computes for a GGUF
- * file, up to summation order.
+ * llama.cpp's vec_dot kernels, the first kernels here keep the activations float32 (never quantized), so
+ * a product equals a float32 matmul over the dequantized weights, which is what transformers computes for
+ * a GGUF file, up to summation order; the int8 kernels at the end compute as llama.cpp does, from
+ * activations quantized to int8 (asked for with --activations int8, and by output heads kept in Q6_K).
  *
  * Each format is one function giving the i-th vector (VLEN weights) of a block, decoded to floats; one
  * generic loop turns it into the matmul, another into the row decoder. Called with constant arguments

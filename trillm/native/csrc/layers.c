@@ -1,7 +1,8 @@
-/* The steps of a decoder layer that are not matmuls but would cost the most torch calls in a decode step:
- * RMSNorm, BitNet's squared-ReLU GLU, gpt-oss's clamped SwiGLU, and the attention of one new token (RoPE, the KV cache's update,
- * attention over the cache). Their bindings and PyTorch twins are trillm/native/ops.py's rms_norm,
- * squared_relu_glu, clamped_swiglu and attend_one_token, and the tests hold each to its twin.
+/* The steps of a decoder layer that are not matmuls, each one call where torch would make several: RMSNorm,
+ * LLaMA's SwiGLU, BitNet's squared-ReLU GLU, gpt-oss's clamped SwiGLU and its experts' routing and
+ * combining, and the attention of one new token (RoPE, the KV cache's update, attention over the cache);
+ * and the additions, copies and interleavings a decode plan (plan.c) runs for the torch ops between them.
+ * Their bindings and PyTorch twins are in trillm/native/ops.py, and the tests hold each to its twin.
  */
 #include <stdlib.h>
 
