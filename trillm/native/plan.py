@@ -15,12 +15,16 @@ embedding's input buffer, and the attention steps read its position (csrc/plan.c
 """
 
 import ctypes
+import logging
 import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from trillm.native.build import check, load
+
+log = logging.getLogger("trillm")
+
 
 class PlanUnsupported(Exception):
     """The step does something a plan cannot replay."""
@@ -126,7 +130,8 @@ class DecodePlan:
         try:
             with StepFunctions(plan):
                 plan.logits = network(plan.ids, cache, position, last_only=True)
-        except PlanUnsupported:
+        except PlanUnsupported as reason:
+            log.debug("trillm: this sequence's decode steps run in Python, not as a plan: %s", reason)
             plan = None
         finally:
             RECORDING.recorder = None
