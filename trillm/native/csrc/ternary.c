@@ -21,7 +21,8 @@
  * taken out at the end. So a tile costs 4 ands for any number of tokens and 4 vpdpbusd a token; there
  * are no horizontal sums, and the 16 lanes of a result are 16 consecutive output rows. Up to 6 tokens
  * share a pass over the weights (24 accumulators in registers).
- * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16 + _mm256_madd_epi16, plain C row by
+ * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16, its int16 pairs added over 32 column
+ * groups before one _mm256_madd_epi16 widens them (forced on Zen 4: prefill +15-25%); plain C row by
  * row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512 library has
  * the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
  *
@@ -195,24 +196,37 @@ static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t 
 /* ---- AVX2: each tile as two halves of 8 packed rows -------------------------------------------------- */
 
 #if TERNARY_AVX2
+/* Groups of columns whose products add up in int16 before they widen to int32: a pair of products is at
+ * most 2 * 2 * 128 = 512, and AVX2 has no instruction that widens them on the way (VNNI's vpdpbusd). */
+#define INT16_GROUPS 32
+
 /* Half h of block b (packed rows 16b + 8h ..) for tokens t0..t0+nt-1. */
 static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0, const int nt) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[4][2];
+    __m256i acc[4][2], partial[4][2];
     for (int i = 0; i < 4; i++)
         for (int t = 0; t < nt; t++)
             acc[i][t] = _mm256_setzero_si256();
-    for (int64_t g = 0; g < job->groups; g++) {
-        _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[2];
-        for (int t = 0; t < nt; t++)
-            x[t] = _mm256_set1_epi32(four_activations(job, t0 + t, g));
-        for (int i = 0; i < 4; i++) {
-            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three);
-            for (int t = 0; t < nt; t++) /* code * x pairs fit int16: 2 * 2 * 127 */
-                acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x[t]), ones));
+    for (int64_t g0 = 0; g0 < job->groups; g0 += INT16_GROUPS) {
+        const int64_t g1 = g0 + INT16_GROUPS < job->groups ? g0 + INT16_GROUPS : job->groups;
+        for (int i = 0; i < 4; i++)
+            for (int t = 0; t < nt; t++)
+                partial[i][t] = _mm256_setzero_si256();
+        for (int64_t g = g0; g < g1; g++) {
+            _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[2];
+            for (int t = 0; t < nt; t++)
+                x[t] = _mm256_set1_epi32(four_activations(job, t0 + t, g));
+            for (int i = 0; i < 4; i++) {
+                __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three);
+                for (int t = 0; t < nt; t++)
+                    partial[i][t] = _mm256_add_epi16(partial[i][t], _mm256_maddubs_epi16(codes, x[t]));
+            }
         }
+        for (int i = 0; i < 4; i++)
+            for (int t = 0; t < nt; t++)
+                acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(partial[i][t], ones));
     }
     for (int t = 0; t < nt; t++)
         for (int i = 0; i < 4; i++) {
