@@ -51,16 +51,9 @@ static ALWAYS_INLINE void dense_matmul_tokens(dense_vector_fn *vector, dense_sca
 /* The token count made a constant, so the accumulators live in registers. */
 static ALWAYS_INLINE void dense_matmul_rows(dense_vector_fn *vector, dense_scalar_fn *scalar, const int element_bytes,
                                             const struct matmul_job *job, int64_t r0, int64_t r1) {
-    switch (job->tokens) {
-    case 1: dense_matmul_tokens(vector, scalar, element_bytes, 1, job, r0, r1); break;
-    case 2: dense_matmul_tokens(vector, scalar, element_bytes, 2, job, r0, r1); break;
-    case 3: dense_matmul_tokens(vector, scalar, element_bytes, 3, job, r0, r1); break;
-    case 4: dense_matmul_tokens(vector, scalar, element_bytes, 4, job, r0, r1); break;
-    case 5: dense_matmul_tokens(vector, scalar, element_bytes, 5, job, r0, r1); break;
-    case 6: dense_matmul_tokens(vector, scalar, element_bytes, 6, job, r0, r1); break;
-    case 7: dense_matmul_tokens(vector, scalar, element_bytes, 7, job, r0, r1); break;
-    case 8: dense_matmul_tokens(vector, scalar, element_bytes, 8, job, r0, r1); break;
-    }
+#define DENSE_TOKENS(n) dense_matmul_tokens(vector, scalar, element_bytes, n, job, r0, r1)
+    WITH_CONSTANT_TOKENS(job->tokens, DENSE_TOKENS)
+#undef DENSE_TOKENS
 }
 
 static ALWAYS_INLINE void dense_decode_row(dense_vector_fn *vector, dense_scalar_fn *scalar,

@@ -123,16 +123,9 @@ static ALWAYS_INLINE void block_matmul_tokens(block_vector_fn *vector, int block
 /* The token count made a constant, so the accumulators live in registers. */
 static ALWAYS_INLINE void block_matmul_rows(block_vector_fn *vector, int block_elems, int block_bytes,
                                             const struct matmul_job *job, int64_t r0, int64_t r1) {
-    switch (job->tokens) {
-    case 1: block_matmul_tokens(vector, block_elems, block_bytes, 1, job, r0, r1); break;
-    case 2: block_matmul_tokens(vector, block_elems, block_bytes, 2, job, r0, r1); break;
-    case 3: block_matmul_tokens(vector, block_elems, block_bytes, 3, job, r0, r1); break;
-    case 4: block_matmul_tokens(vector, block_elems, block_bytes, 4, job, r0, r1); break;
-    case 5: block_matmul_tokens(vector, block_elems, block_bytes, 5, job, r0, r1); break;
-    case 6: block_matmul_tokens(vector, block_elems, block_bytes, 6, job, r0, r1); break;
-    case 7: block_matmul_tokens(vector, block_elems, block_bytes, 7, job, r0, r1); break;
-    case 8: block_matmul_tokens(vector, block_elems, block_bytes, 8, job, r0, r1); break;
-    }
+#define BLOCK_TOKENS(n) block_matmul_tokens(vector, block_elems, block_bytes, n, job, r0, r1)
+    WITH_CONSTANT_TOKENS(job->tokens, BLOCK_TOKENS)
+#undef BLOCK_TOKENS
 }
 
 static ALWAYS_INLINE void block_decode_row(block_vector_fn *vector, int block_elems, int block_bytes,
@@ -338,16 +331,9 @@ static ALWAYS_INLINE void q6_k_int8_tokens(const int tokens, const struct matmul
 }
 
 static void q6_k_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {
-    switch (job->tokens) { /* the token count a constant, so the accumulators live in registers */
-    case 1: q6_k_int8_tokens(1, job, r0, r1); break;
-    case 2: q6_k_int8_tokens(2, job, r0, r1); break;
-    case 3: q6_k_int8_tokens(3, job, r0, r1); break;
-    case 4: q6_k_int8_tokens(4, job, r0, r1); break;
-    case 5: q6_k_int8_tokens(5, job, r0, r1); break;
-    case 6: q6_k_int8_tokens(6, job, r0, r1); break;
-    case 7: q6_k_int8_tokens(7, job, r0, r1); break;
-    case 8: q6_k_int8_tokens(8, job, r0, r1); break;
-    }
+#define Q6_K_TOKENS(n) q6_k_int8_tokens(n, job, r0, r1)
+    WITH_CONSTANT_TOKENS(job->tokens, Q6_K_TOKENS)
+#undef Q6_K_TOKENS
 }
 
 /* ---- Q8_0, Q4_0 and Q4_1 times int8 activations -------------------------------------------------------
@@ -477,23 +463,18 @@ static ALWAYS_INLINE void int8_32_tokens(const int format, const int block_bytes
     }
 }
 
-#define INT8_32_FORMAT(name, format, block_bytes)                                                            \
+/* The format's kernel for a run-time token count: format and block_bytes are constants of each function. */
+#define INT8_32_TOKENS(n) int8_32_tokens(format, block_bytes, n, job, r0, r1)
+#define INT8_32_FORMAT(name, format_, block_bytes_)                                                         \
     static void name##_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {            \
-        switch (job->tokens) { /* the token count a constant, so the accumulators live in registers */      \
-        case 1: int8_32_tokens(format, block_bytes, 1, job, r0, r1); break;                                 \
-        case 2: int8_32_tokens(format, block_bytes, 2, job, r0, r1); break;                                 \
-        case 3: int8_32_tokens(format, block_bytes, 3, job, r0, r1); break;                                 \
-        case 4: int8_32_tokens(format, block_bytes, 4, job, r0, r1); break;                                 \
-        case 5: int8_32_tokens(format, block_bytes, 5, job, r0, r1); break;                                 \
-        case 6: int8_32_tokens(format, block_bytes, 6, job, r0, r1); break;                                 \
-        case 7: int8_32_tokens(format, block_bytes, 7, job, r0, r1); break;                                 \
-        case 8: int8_32_tokens(format, block_bytes, 8, job, r0, r1); break;                                 \
-        }                                                                                                  \
+        const int format = format_, block_bytes = block_bytes_;                                            \
+        WITH_CONSTANT_TOKENS(job->tokens, INT8_32_TOKENS)                                                  \
     }
 INT8_32_FORMAT(q8_0, INT8_Q8_0, 34)
 INT8_32_FORMAT(q4_0, INT8_Q4_0, 18)
 INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
 #undef INT8_32_FORMAT
+#undef INT8_32_TOKENS
 
 /* ---- Q4_K and Q5_K times int8 activations ----------------------------------------------------------------
  *
@@ -570,22 +551,16 @@ static ALWAYS_INLINE void k_quant_int8_tokens(const int five, const int tokens, 
     }
 }
 
-#define K_QUANT_INT8_FORMAT(name, five)                                                                     \
+#define K_QUANT_INT8_TOKENS(n) k_quant_int8_tokens(five, n, job, r0, r1)
+#define K_QUANT_INT8_FORMAT(name, five_)                                                                   \
     static void name##_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {            \
-        switch (job->tokens) { /* the token count a constant, so the accumulators live in registers */      \
-        case 1: k_quant_int8_tokens(five, 1, job, r0, r1); break;                                          \
-        case 2: k_quant_int8_tokens(five, 2, job, r0, r1); break;                                          \
-        case 3: k_quant_int8_tokens(five, 3, job, r0, r1); break;                                          \
-        case 4: k_quant_int8_tokens(five, 4, job, r0, r1); break;                                          \
-        case 5: k_quant_int8_tokens(five, 5, job, r0, r1); break;                                          \
-        case 6: k_quant_int8_tokens(five, 6, job, r0, r1); break;                                          \
-        case 7: k_quant_int8_tokens(five, 7, job, r0, r1); break;                                          \
-        case 8: k_quant_int8_tokens(five, 8, job, r0, r1); break;                                          \
-        }                                                                                                  \
+        const int five = five_;                                                                            \
+        WITH_CONSTANT_TOKENS(job->tokens, K_QUANT_INT8_TOKENS)                                             \
     }
 K_QUANT_INT8_FORMAT(q4_k, 0)
 K_QUANT_INT8_FORMAT(q5_k, 1)
 #undef K_QUANT_INT8_FORMAT
+#undef K_QUANT_INT8_TOKENS
 
 int ggml_kernels(int type, struct row_kernels *k) {
     switch (type) {

@@ -23,6 +23,20 @@ enum { OK = 0, ERROR_TYPE = -1, ERROR_INDEX = -2, ERROR_SHAPE = -3, ERROR_MEMORY
 /* Tokens one pass over the weights serves; longer inputs are taken in passes of this many. */
 #define MAX_TOKENS 8
 
+/* CALL(n) for the run-time token count `tokens` (1..MAX_TOKENS), n a constant in each call, so that the
+ * kernel CALL names keeps its accumulators in registers. */
+#define WITH_CONSTANT_TOKENS(tokens, CALL)                                                                \
+    switch (tokens) {                                                                                     \
+    case 1: CALL(1); break;                                                                               \
+    case 2: CALL(2); break;                                                                               \
+    case 3: CALL(3); break;                                                                               \
+    case 4: CALL(4); break;                                                                               \
+    case 5: CALL(5); break;                                                                               \
+    case 6: CALL(6); break;                                                                               \
+    case 7: CALL(7); break;                                                                               \
+    case 8: CALL(8); break;                                                                               \
+    }
+
 /* How far ahead of the bytes in hand a row kernel asks for its row's next ones: a decode step streams every
  * weight once, and on their own the hardware prefetchers fetched them late, the more so for the small
  * matrices of small models (measured, Zen 4: MXFP4 experts, one thread 11-12 GB/s without, 14 with, two

@@ -458,17 +458,14 @@ static void mxfp4_chunk(void *arg, int chunk, int chunks) {
                     job.x += (first + t) * job.cols;
                 job.y += (first + t) * rows;
                 job.tokens = (int)pass_tokens;
-                /* the token count a constant, so that the accumulators live in registers */
-#define ROWS(kernel) switch (job.tokens) { \
-                case 1: kernel(&job, 1, tile, tile_end); break; case 2: kernel(&job, 2, tile, tile_end); break; \
-                case 3: kernel(&job, 3, tile, tile_end); break; case 4: kernel(&job, 4, tile, tile_end); break; \
-                case 5: kernel(&job, 5, tile, tile_end); break; case 6: kernel(&job, 6, tile, tile_end); break; \
-                case 7: kernel(&job, 7, tile, tile_end); break; case 8: kernel(&job, 8, tile, tile_end); break; }
+#define INT8_PASS(n) mxfp4_rows_tokens_int8(&job, n, tile, tile_end)
+#define FLOAT32_PASS(n) mxfp4_rows_tokens(&job, n, tile, tile_end)
                 if (job.x8)
-                    ROWS(mxfp4_rows_tokens_int8)
+                    WITH_CONSTANT_TOKENS(job.tokens, INT8_PASS)
                 else
-                    ROWS(mxfp4_rows_tokens)
-#undef ROWS
+                    WITH_CONSTANT_TOKENS(job.tokens, FLOAT32_PASS)
+#undef INT8_PASS
+#undef FLOAT32_PASS
                 t += pass_tokens;
             }
         }
