@@ -22,8 +22,8 @@
  * are no horizontal sums, and the 16 lanes of a result are 16 consecutive output rows. Up to 6 tokens
  * share a pass over the weights (24 accumulators in registers).
  * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16, its int16 pairs added over 32 column
- * groups before one _mm256_madd_epi16 widens them (forced on Zen 4: prefill +15-25%); plain C row by
- * row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512 library has
+ * groups before one _mm256_madd_epi16 widens them, 3 tokens a pass (forced on Zen 4, BitNet 2B4T prefill:
+ * 50-58 tok/s with madd each time and 2 tokens, 71-74 so); plain C row by row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512 library has
  * the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
  *
  * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
@@ -199,12 +199,13 @@ static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t 
 /* Groups of columns whose products add up in int16 before they widen to int32: a pair of products is at
  * most 2 * 2 * 128 = 512, and AVX2 has no instruction that widens them on the way (VNNI's vpdpbusd). */
 #define INT16_GROUPS 32
+#define AVX2_PASS_TOKENS 3 /* tokens a pass over a half tile */
 
 /* Half h of block b (packed rows 16b + 8h ..) for tokens t0..t0+nt-1. */
 static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0, const int nt) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[4][2], partial[4][2];
+    __m256i acc[4][AVX2_PASS_TOKENS], partial[4][AVX2_PASS_TOKENS];
     for (int i = 0; i < 4; i++)
         for (int t = 0; t < nt; t++)
             acc[i][t] = _mm256_setzero_si256();
@@ -215,7 +216,7 @@ static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, in
                 partial[i][t] = _mm256_setzero_si256();
         for (int64_t g = g0; g < g1; g++) {
             _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[2];
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[AVX2_PASS_TOKENS];
             for (int t = 0; t < nt; t++)
                 x[t] = _mm256_set1_epi32(four_activations(job, t0 + t, g));
             for (int i = 0; i < 4; i++) {
@@ -242,9 +243,11 @@ static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++)
         for (int h = 0; h < 2; h++) {
             int64_t t = 0;
-            for (; t + 2 <= job->tokens; t += 2)
+            for (; t + 3 <= job->tokens; t += 3)
+                avx2_half(job, b, h, t, 3);
+            if (job->tokens - t == 2)
                 avx2_half(job, b, h, t, 2);
-            if (t < job->tokens)
+            else if (job->tokens - t == 1)
                 avx2_half(job, b, h, t, 1);
         }
 }
