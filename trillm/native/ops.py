@@ -30,16 +30,22 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return F.rms_norm(x, (weight.shape[0],), weight, eps)
 
 
+def gated(kernel: str, reference, gate_up: torch.Tensor, *parameters: float) -> torch.Tensor:
+    """A gated activation of gate_up (..., 2 * dim) -> (..., dim) by the kernel named (its arguments: gate_up,
+    rows, dim, the parameters, out), or by its twin reference(gate_up, *parameters)."""
+    lib = load()
+    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
+        return reference(gate_up, *parameters)
+    dim = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], dim)
+    call(getattr(lib, kernel), gate_up.data_ptr(), out.numel() // dim, dim, *parameters, out.data_ptr())
+    return out
+
+
 def squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
     """relu(gate)^2 * up for gate_up = [gate | up] (..., 2 * dim): BitNet's gated activation (squared ReLU: So
     et al., 2021, Primer). The same floats as the twin: the kernel keeps torch's order of operations."""
-    lib = load()
-    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
-        return reference_squared_relu_glu(gate_up)
-    dim = gate_up.shape[-1] // 2
-    out = torch.empty(*gate_up.shape[:-1], dim)
-    call(lib.trillm_squared_relu_glu, gate_up.data_ptr(), out.numel() // dim, dim, out.data_ptr())
-    return out
+    return gated("trillm_squared_relu_glu", reference_squared_relu_glu, gate_up)
 
 
 def reference_squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -50,13 +56,7 @@ def reference_squared_relu_glu(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] (..., 2 * dim): LLaMA's SwiGLU (Shazeer, 2020). Equal to the
     twin up to the last bit of the sigmoid's exp."""
-    lib = load()
-    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
-        return reference_swiglu(gate_up)
-    dim = gate_up.shape[-1] // 2
-    out = torch.empty(*gate_up.shape[:-1], dim)
-    call(lib.trillm_swiglu, gate_up.data_ptr(), out.numel() // dim, dim, out.data_ptr())
-    return out
+    return gated("trillm_swiglu", reference_swiglu, gate_up)
 
 
 def reference_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -68,13 +68,7 @@ def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
     """gpt-oss's gated activation over gate_up (..., 2 * dim) whose even channels are the gate's and odd ones
     the up projection's: (up + 1) * gate * sigmoid(alpha * gate), the gate clamped from above and the up
     projection on both sides at `limit`. Equal to the twin up to the last bit of the sigmoid's exp."""
-    lib = load()
-    if lib is None or gate_up.dtype != torch.float32 or not gate_up.is_contiguous():
-        return reference_clamped_swiglu(gate_up, alpha, limit)
-    dim = gate_up.shape[-1] // 2
-    out = torch.empty(*gate_up.shape[:-1], dim)
-    call(lib.trillm_clamped_swiglu, gate_up.data_ptr(), out.numel() // dim, dim, alpha, limit, out.data_ptr())
-    return out
+    return gated("trillm_clamped_swiglu", reference_clamped_swiglu, gate_up, alpha, limit)
 
 
 def reference_clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
