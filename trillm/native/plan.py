@@ -53,10 +53,10 @@ def call(function, *arguments):
 # The torch functions a step may call between its native ones: what a run need not repeat (reading a
 # tensor's metadata, allocating, viewing memory that is already there), and additions and the
 # concatenation of single rows (StackedLinear's, for files that mix types in q/k/v), which become steps.
-METADATA = {"__get__", "data_ptr", "is_contiguous", "numel", "stride", "size", "dim", "element_size"}
+# (What the three families' decode steps call; a step calling anything else falls back to Python.)
+METADATA = {"__get__", "data_ptr", "is_contiguous", "numel", "stride"}
 ALLOCATIONS = {"empty", "empty_like"}
-VIEWS = {"view", "reshape", "__getitem__", "to", "float", "contiguous", "chunk", "split", "unsqueeze", "squeeze",
-         "flatten", "unflatten", "expand", "transpose", "t"}
+VIEWS = {"view", "reshape", "__getitem__", "to", "float", "contiguous", "flatten"}
 ADDITIONS = {"add", "__add__", "add_", "__iadd__"}
 
 
