@@ -146,5 +146,7 @@ def test_steps_without_native_kernels_are_not_planned(monkeypatch):
     network = WindowedAttention(window=4)
     monkeypatch.setattr("trillm.native.plan.load", lambda: None)
     with torch.inference_mode():
-        plan, logits = DecodePlan.record(network, network.new_cache(1, 8), 3, 0)
-    assert plan is None and logits.shape == (50,)
+        assert DecodePlan.record(network, network.new_cache(1, 8), 3, 0) == (None, None)
+        session = Session(network.new_cache(1, 8))
+        logits = decode_one_token(network, session, 3)
+    assert session.plan[1] is None and logits.shape == (50,)

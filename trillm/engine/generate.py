@@ -46,15 +46,15 @@ def decode_one_token(network, session: Session, token: int) -> torch.Tensor:
     run it: one native call a token instead of the model's Python. Steps that cannot be a plan, and every
     step with TRILLM_PLAN=0, run the model's forward."""
     position = len(session.tokens)
+    logits = None
     with torch_threads(1):
-        if session.plan is not None and session.plan[0] is session.cache:
-            plan = session.plan[1]
-            logits = (plan.run(token, position) if plan is not None else
-                      network(torch.tensor([[token]]), session.cache, position, last_only=True)[0, -1])
-        elif os.environ.get("TRILLM_PLAN", "1") != "0":
-            plan, logits = DecodePlan.record(network, session.cache, token, position)
-            session.plan = (session.cache, plan)
-        else:
+        if session.plan is None or session.plan[0] is not session.cache:
+            if os.environ.get("TRILLM_PLAN", "1") != "0":
+                plan, logits = DecodePlan.record(network, session.cache, token, position)
+                session.plan = (session.cache, plan)
+        elif session.plan[1] is not None:
+            logits = session.plan[1].run(token, position)
+        if logits is None:  # no plan: the model's forward
             logits = network(torch.tensor([[token]]), session.cache, position, last_only=True)[0, -1]
     session.tokens.append(token)
     return logits

@@ -2,7 +2,7 @@
 new token by one call into csrc/plan.c, so that the Python and torch code around the kernels runs once a
 sequence instead of once a token. The math stays in the model files: recording runs them.
 
-    plan, logits = DecodePlan.record(network, cache, token, position)  # plan None if the step cannot be one
+    plan, logits = DecodePlan.record(network, cache, token, position)  # (None, None): not one, run it yourself
     logits = plan.run(token, position)
 
 While a step is recorded, every native entry point the step calls goes through `call`, which appends it to
@@ -118,11 +118,12 @@ class DecodePlan:
             self.lib.trillm_plan_free(self.handle)
 
     @classmethod
-    def record(cls, network, cache, token: int, position: int) -> tuple["DecodePlan | None", torch.Tensor]:
-        """Run the decode step of `token` at `position`, recording it: (the plan, or None where the step
-        cannot be one, and the step's logits (vocab,))."""
+    def record(cls, network, cache, token: int, position: int) -> tuple["DecodePlan | None", torch.Tensor | None]:
+        """Run the decode step of `token` at `position`, recording it: (the plan, the step's logits (vocab,)),
+        or (None, None) where the step cannot be a plan, for the caller to run as the model's forward (the
+        cache slots a half-recorded step wrote are written anew then)."""
         if load() is None or getattr(cache, "rope", None) is None:
-            return None, network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1]
+            return None, None
         plan = cls(network, cache)
         plan.ids.fill_(token)
         plan.position = position
@@ -135,8 +136,8 @@ class DecodePlan:
             plan = None
         finally:
             RECORDING.recorder = None
-        if plan is None:  # the step again, in Python: the cache slots it wrote are written anew
-            return None, network(torch.tensor([[token]]), cache, position, last_only=True)[0, -1]
+        if plan is None:
+            return None, None
         plan.position = None
         return plan, plan.logits[0, -1].clone()
 
