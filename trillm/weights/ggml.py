@@ -269,9 +269,10 @@ def concat_ggml_rows(weights: list[GGMLTensor]) -> GGMLTensor:
 # The types csrc/ggml.c has an int8-activation kernel for, and the block their activations are quantized in.
 INT8_ACTIVATION_BLOCKS = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: Q6_K_BLOCK_SIZE}
 # The types whose int8 kernel also takes prompts of any length: faster there than decoding the weights for
-# torch's float32 matmul (measured, 2 Zen 4 cores, 128 tokens: Q8_0 1.1-2.3x, Q6_K 2.5-2.9x, Q4_0 1.1x; Q4_1
-# even, Q4_K and Q5_K 0.85-1.0x, which keep the float matmul for prompts).
-INT8_PROMPT_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q6_K)
+# torch's float32 matmul. Q8_0, Q4_0 and Q4_1 have a GEMM over repacked panels for prompts (csrc/ggml.c;
+# measured, one Zen 4 core, 3072 x 576, 128 tokens: 270 GOPS, 1.8-2x the row kernel), Q6_K's row kernel is
+# 2.5-2.9x the float matmul; Q4_K's and Q5_K's 0.85-1.0x, so they keep the float matmul for prompts.
+INT8_PROMPT_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q6_K)
 
 
 def takes_int8(weight: GGMLTensor, int8_activations: bool, tokens: int) -> bool:

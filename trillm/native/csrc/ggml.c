@@ -168,22 +168,34 @@ BLOCK_FORMAT(q6_k, 256, 210)
  * (float activations: 25 ms), 12 ms at four (35). In cache, one core: 28 GB/s at one token, 7 at eight.
  */
 
-/* 256 activations to int8 with the scale 127 / max|x| (rounded to nearest even), and their sums per 16.
- * trillm/weights/ggml.py: quantize_q8_k computes the same, operation for operation. */
-void quantize_q8_k(const float *x, struct q8_k_block *out) {
-    float absmax = 0.0f;
-    for (int i = 0; i < QK_K; i++)
-        absmax = fabsf(x[i]) > absmax ? fabsf(x[i]) : absmax;
-    float iscale = absmax > 0.0f ? 127.0f / absmax : 0.0f;
-    for (int j = 0; j < QK_K / 16; j++) {
-        int sum = 0;
-        for (int i = 16 * j; i < 16 * j + 16; i++) {
-            out->q[i] = (int8_t)rintf(x[i] * iscale); /* |x * iscale| <= 127 up to a rounding: |q| <= 127 */
-            sum += out->q[i];
+/* n activations (a multiple of 16) to int8 q with the scale 127 / max|x|, rounded to nearest even (|q| <= 127),
+ * and sums[j] = q[g j] + ... + q[g j + g - 1] for groups of g = 16 or 32; returns the block's d = max|x| / 127.
+ * A NaN is passed over in the maximum, as fabsf(x) > max would. trillm/weights/linear.py: round_to_int8
+ * computes the same, operation for operation. */
+static ALWAYS_INLINE float round_block_to_int8(const float *x, const int n, const int g, int8_t *q, int32_t *sums) {
+    vf magnitude = vf_zero();
+    for (int i = 0; i < n; i += VLEN)
+        magnitude = vf_max(vf_abs(vf_load(x + i)), magnitude);
+    const float absmax = vf_max_all(magnitude);
+    const vf iscale = vf_set(absmax > 0.0f ? 127.0f / absmax : 0.0f);
+    for (int j = 0; j < n / g; j++) {
+        int32_t sum = 0;
+        for (int i = g * j; i < g * j + g; i += VLEN) {
+            vi codes = vi_from_vf(vf_round(vf_mul(vf_load(x + i), iscale)));
+            vi_store_i8(q + i, codes);
+            sum += vi_sum(codes);
         }
-        out->sums[j] = (int16_t)sum;
+        sums[j] = sum;
     }
-    out->d = absmax / 127.0f;
+    return absmax / 127.0f;
+}
+
+/* 256 activations to int8 as llama.cpp's quantize_row_q8_K, with their sums per 16. */
+void quantize_q8_k(const float *x, struct q8_k_block *out) {
+    int32_t sums[QK_K / 16];
+    out->d = round_block_to_int8(x, QK_K, 16, out->q, sums);
+    for (int j = 0; j < QK_K / 16; j++)
+        out->sums[j] = (int16_t)sums[j];
 }
 
 #if defined(__AVX512BW__)
@@ -347,19 +359,10 @@ static void q6_k_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int6
  * products leaves int16 (|w| <= 128, |q| <= 127).
  */
 
-/* 32 activations to int8 with the scale 127 / max|x| (rounded to nearest even), as quantize_q8_k does per
- * 256; trillm/weights/linear.py: round_to_int8 computes the same, operation for operation. */
+/* 32 activations to int8, as quantize_q8_k does per 256. */
 void quantize_q8_32(const float *x, struct q8_32_block *out) {
-    float absmax = 0.0f;
-    for (int i = 0; i < 32; i++)
-        absmax = fabsf(x[i]) > absmax ? fabsf(x[i]) : absmax;
-    float iscale = absmax > 0.0f ? 127.0f / absmax : 0.0f;
-    int sum = 0;
-    for (int i = 0; i < 32; i++) {
-        out->q[i] = (int8_t)rintf(x[i] * iscale); /* |x * iscale| <= 127 up to a rounding: |q| <= 127 */
-        sum += out->q[i];
-    }
-    out->d = absmax / 127.0f;
+    int32_t sum;
+    out->d = round_block_to_int8(x, 32, 32, out->q, &sum);
     out->d_sum = out->d * (float)sum;
 }
 
@@ -476,6 +479,190 @@ INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
 #undef INT8_32_FORMAT
 #undef INT8_32_TOKENS
 
+/* ---- Q8_0, Q4_0 and Q4_1 prompts: an int8 GEMM over repacked panels -------------------------------------
+ *
+ * For a prompt, the row kernel above spends most of its time not multiplying: each row, block and token
+ * takes a multiply-add, a conversion and a float multiply-add for 32 products. Here VLEN rows at a time are
+ * first repacked into a panel whose vectors hold 4 consecutive codes of each of the VLEN rows, so that one
+ * integer multiply-add advances all of them for one token (by a broadcast of 4 of its activations), and the
+ * float work is paid once a block for the VLEN rows together. The panel is packed once and then serves every
+ * token of the prompt from the cache, as a BLAS packs its panels (and llama.cpp's repacked Q4_0 layouts
+ * interleave rows the same way, for good). Products as in the row kernel: sum w x = d_w d_x sum u q + c_w
+ * d_x sum q, with the codes taken as unsigned u: Q4_x's nibbles (c_w = -8 d_w or m), and Q8_0's w + 128
+ * (c_w = -128 d_w) where the multiply-add is VNNI's; on AVX2 Q8_0 stays |w| times q with w's sign, since
+ * maddubs would overflow int16 on w + 128.
+ */
+#if defined(__AVX2__)
+/* A panel (kernels.h: PANEL_ROWS) is taken PANEL_TOKENS tokens a pass: the accumulators fit the registers
+ * (AVX-512: 32 of them, AVX2: 16). */
+#define PANEL_TOKENS (VLEN == 16 ? 4 : 2)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define PANEL_UNSIGNED_Q8_0 1
+static ALWAYS_INLINE vi panel_gather(const uint8_t *base, vi offsets) { return _mm512_i32gather_epi32(offsets, base, 1); }
+static ALWAYS_INLINE void panel_store(uint8_t *p, vi a) { _mm512_store_si512(p, a); }
+static ALWAYS_INLINE vi panel_load(const uint8_t *p) { return _mm512_load_si512(p); }
+static ALWAYS_INLINE vi panel_offsets(const int32_t *p) { return _mm512_loadu_si512(p); }
+static ALWAYS_INLINE vi vi_zero(void) { return _mm512_setzero_si512(); }
+static ALWAYS_INLINE vi panel_dot(const int format, vi acc, vi codes, vi magnitudes, int32_t x4) {
+    (void)format, (void)magnitudes;
+    return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4));
+}
+static ALWAYS_INLINE vi panel_magnitudes(const int format, vi codes) { (void)format; return codes; }
+static ALWAYS_INLINE vi panel_block_sums(const int format, vi dot) { (void)format; return dot; }
+static ALWAYS_INLINE vi vi_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
+#else
+#define PANEL_UNSIGNED_Q8_0 0
+static ALWAYS_INLINE vi panel_gather(const uint8_t *base, vi offsets) { return _mm256_i32gather_epi32((const int *)base, offsets, 1); }
+static ALWAYS_INLINE void panel_store(uint8_t *p, vi a) { _mm256_store_si256((__m256i *)p, a); }
+static ALWAYS_INLINE vi panel_load(const uint8_t *p) { return _mm256_load_si256((const __m256i *)p); }
+static ALWAYS_INLINE vi panel_offsets(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static ALWAYS_INLINE vi vi_zero(void) { return _mm256_setzero_si256(); }
+static ALWAYS_INLINE vi panel_magnitudes(const int format, vi codes) {
+    return format == INT8_Q8_0 ? _mm256_abs_epi8(codes) : codes;
+}
+/* Q4_x's products (u <= 15) stay in int16 for a whole block: 8 groups of at most 2 * 15 * 127 each. */
+static ALWAYS_INLINE vi panel_dot(const int format, vi acc, vi codes, vi magnitudes, int32_t x4) {
+    __m256i x = _mm256_set1_epi32(x4);
+    if (format != INT8_Q8_0)
+        return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
+    __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(x, codes));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+static ALWAYS_INLINE vi panel_block_sums(const int format, vi dot) {
+    return format != INT8_Q8_0 ? _mm256_madd_epi16(dot, _mm256_set1_epi16(1)) : dot;
+}
+static ALWAYS_INLINE vi vi_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
+#endif
+
+static ALWAYS_INLINE int32_t i32_at(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Rows r0..r0 + n (n <= PANEL_ROWS; a short panel repeats its last row) packed: vector v of group g of block b,
+ * codes + ((b * 8 + g) * PANEL_VECTORS + v) * VLEN * 4, holds u of weights 4 g..4 g + 3 of block b of rows
+ * r0 + v VLEN..; d and c the blocks' d_w and c_w, [b * PANEL_ROWS + i] for row r0 + i. */
+static ALWAYS_INLINE void pack_panel(const int format, const int block_bytes, const struct matmul_job *job, int64_t r0,
+                                     int n, uint8_t *codes, float *d, float *c) {
+    const int64_t blocks = job->cols / 32;
+    int32_t offsets[PANEL_ROWS];
+    for (int i = 0; i < PANEL_ROWS; i++)
+        offsets[i] = (int32_t)((i < n ? i : n - 1) * job->row_bytes);
+    const vi low4 = vi_set(0x0f0f0f0f);
+    const int code_start = format == INT8_Q4_1 ? 4 : 2;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *base = job->w + r0 * job->row_bytes + b * block_bytes;
+        for (int g = 0; g < 8; g++)
+            for (int v = 0; v < PANEL_VECTORS; v++) {
+                const vi lanes = panel_offsets(offsets + v * VLEN);
+                vi u;
+                if (format == INT8_Q8_0) {
+                    u = panel_gather(base + code_start + 4 * g, lanes);
+                    if (PANEL_UNSIGNED_Q8_0)
+                        u = vi_xor(u, vi_set((int32_t)0x80808080u)); /* w + 128 */
+                } else { /* weights 4 g.. from the low nibbles of bytes 4 g.., then 4 (g - 4).. from the high ones */
+                    u = vi_and(vi_shr(panel_gather(base + code_start + 4 * (g % 4), lanes), 4 * (g / 4)), low4);
+                }
+                panel_store(codes + ((b * 8 + g) * PANEL_VECTORS + v) * VLEN * 4, u);
+            }
+        for (int i = 0; i < PANEL_ROWS; i++) {
+            const uint8_t *block = base + offsets[i];
+            const float scale = fp16_at(block);
+            d[b * PANEL_ROWS + i] = scale;
+            c[b * PANEL_ROWS + i] = format == INT8_Q4_0 ? -8.0f * scale : format == INT8_Q4_1 ? fp16_at(block + 2)
+                                    : PANEL_UNSIGNED_Q8_0 ? -128.0f * scale : 0.0f;
+        }
+    }
+}
+
+/* The panel's rows for `tokens` (a constant) tokens x[0..tokens), each (blocks) activation blocks apart. Each
+ * broadcast of 4 activations serves PANEL_VECTORS multiply-adds. */
+static ALWAYS_INLINE void panel_tokens(const int format, const int tokens, const uint8_t *codes, const float *d,
+                                       const float *c, int64_t blocks, const struct q8_32_block *x,
+                                       vf out[][PANEL_VECTORS]) {
+    const int corrected = format != INT8_Q8_0 || PANEL_UNSIGNED_Q8_0;
+    vf acc[PANEL_TOKENS][PANEL_VECTORS];
+    for (int t = 0; t < tokens; t++)
+        for (int v = 0; v < PANEL_VECTORS; v++)
+            acc[t][v] = vf_zero();
+    for (int64_t b = 0; b < blocks; b++) {
+        vi dot[PANEL_TOKENS][PANEL_VECTORS];
+        for (int t = 0; t < tokens; t++)
+            for (int v = 0; v < PANEL_VECTORS; v++)
+                dot[t][v] = vi_zero();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            vi u[PANEL_VECTORS], magnitudes[PANEL_VECTORS];
+            for (int v = 0; v < PANEL_VECTORS; v++) {
+                u[v] = panel_load(codes + ((b * 8 + g) * PANEL_VECTORS + v) * VLEN * 4);
+                magnitudes[v] = panel_magnitudes(format, u[v]);
+            }
+            for (int t = 0; t < tokens; t++) {
+                const int32_t x4 = i32_at(x[t * blocks + b].q + 4 * g);
+                for (int v = 0; v < PANEL_VECTORS; v++)
+                    dot[t][v] = panel_dot(format, dot[t][v], u[v], magnitudes[v], x4);
+            }
+        }
+        for (int v = 0; v < PANEL_VECTORS; v++) {
+            const vf dv = vf_load(d + b * PANEL_ROWS + v * VLEN), cv = vf_load(c + b * PANEL_ROWS + v * VLEN);
+            for (int t = 0; t < tokens; t++) {
+                const struct q8_32_block *xb = x + t * blocks + b;
+                acc[t][v] = vf_fma(vi_float(panel_block_sums(format, dot[t][v])), vf_mul(dv, vf_set(xb->d)), acc[t][v]);
+                if (corrected)
+                    acc[t][v] = vf_fma(cv, vf_set(xb->d_sum), acc[t][v]);
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++)
+        for (int v = 0; v < PANEL_VECTORS; v++)
+            out[t][v] = acc[t][v];
+}
+
+/* Rows r0..r1 (r0 a multiple of PANEL_ROWS) for all job->tokens tokens, a panel at a time. */
+static ALWAYS_INLINE int int8_32_prompt(const int format, const int block_bytes, const struct matmul_job *job,
+                                        int64_t r0, int64_t r1) {
+    const int64_t blocks = job->cols / 32;
+    uint8_t *codes = aligned_alloc(64, blocks * 8 * PANEL_ROWS * 4 + 2 * blocks * PANEL_ROWS * sizeof(float));
+    if (!codes)
+        return ERROR_MEMORY;
+    float *d = (float *)(codes + blocks * 8 * PANEL_ROWS * 4), *c = d + blocks * PANEL_ROWS;
+    for (int64_t r = r0; r < r1; r += PANEL_ROWS) {
+        const int n = r1 - r < PANEL_ROWS ? (int)(r1 - r) : PANEL_ROWS;
+        pack_panel(format, block_bytes, job, r, n, codes, d, c);
+        for (int t0 = 0; t0 < job->tokens; t0 += PANEL_TOKENS) {
+            const int tokens = job->tokens - t0 < PANEL_TOKENS ? job->tokens - t0 : PANEL_TOKENS;
+            vf out[PANEL_TOKENS][PANEL_VECTORS];
+#define PANEL_CALL(k) panel_tokens(format, k, codes, d, c, blocks, job->x32 + t0 * blocks, out)
+            WITH_CONSTANT_TOKENS(tokens, PANEL_CALL)
+#undef PANEL_CALL
+            for (int t = 0; t < tokens; t++) {
+                float *y = job->y + (t0 + t) * job->y_stride + r;
+                if (n == PANEL_ROWS)
+                    memcpy(y, out[t], sizeof out[t]);
+                else
+                    memcpy(y, out[t], n * sizeof(float));
+            }
+        }
+    }
+    free(codes);
+    return OK;
+}
+
+#define INT8_32_PROMPT(name, format, block_bytes)                                                          \
+    static int name##_int8_prompt_rows(const struct matmul_job *job, int64_t r0, int64_t r1) {             \
+        return int8_32_prompt(format, block_bytes, job, r0, r1);                                           \
+    }
+INT8_32_PROMPT(q8_0, INT8_Q8_0, 34)
+INT8_32_PROMPT(q4_0, INT8_Q4_0, 18)
+INT8_32_PROMPT(q4_1, INT8_Q4_1, 20)
+#undef INT8_32_PROMPT
+#else
+#define q8_0_int8_prompt_rows NULL /* portable C: the row kernel serves prompts too */
+#define q4_0_int8_prompt_rows NULL
+#define q4_1_int8_prompt_rows NULL
+#endif
+
 /* ---- Q4_K and Q5_K times int8 activations ----------------------------------------------------------------
  *
  * As llama.cpp's ggml_vec_dot_q4_K_q8_K and q5_K_q8_K: the activations per 256 (quantize_q8_k), each
@@ -564,9 +751,9 @@ K_QUANT_INT8_FORMAT(q5_k, 1)
 
 int ggml_kernels(int type, struct row_kernels *k) {
     switch (type) {
-    case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row, q8_0_int8_matmul_rows, 32}; return 1;
-    case TYPE_Q4_0: *k = (struct row_kernels){q4_0_matmul_rows, q4_0_decode_row, q4_0_int8_matmul_rows, 32}; return 1;
-    case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row, q4_1_int8_matmul_rows, 32}; return 1;
+    case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row, q8_0_int8_matmul_rows, 32, q8_0_int8_prompt_rows}; return 1;
+    case TYPE_Q4_0: *k = (struct row_kernels){q4_0_matmul_rows, q4_0_decode_row, q4_0_int8_matmul_rows, 32, q4_0_int8_prompt_rows}; return 1;
+    case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row, q4_1_int8_matmul_rows, 32, q4_1_int8_prompt_rows}; return 1;
     case TYPE_Q5_0: *k = (struct row_kernels){q5_0_matmul_rows, q5_0_decode_row}; return 1;
     case TYPE_Q5_1: *k = (struct row_kernels){q5_1_matmul_rows, q5_1_decode_row}; return 1;
     case TYPE_Q4_K: *k = (struct row_kernels){q4_k_matmul_rows, q4_k_decode_row, q4_k_int8_matmul_rows, QK_K}; return 1;

@@ -23,6 +23,10 @@ enum { OK = 0, ERROR_TYPE = -1, ERROR_INDEX = -2, ERROR_SHAPE = -3, ERROR_MEMORY
 /* Tokens one pass over the weights serves; longer inputs are taken in passes of this many. */
 #define MAX_TOKENS 8
 
+/* A prompt kernel's panel (ggml.c): PANEL_VECTORS vectors of VLEN rows each, its weights repacked together. */
+#define PANEL_VECTORS 2
+#define PANEL_ROWS (PANEL_VECTORS * VLEN)
+
 /* CALL(n) for the run-time token count `tokens` (1..MAX_TOKENS), n a constant in each call, so that the
  * kernel CALL names keeps its accumulators in registers. */
 #define WITH_CONSTANT_TOKENS(tokens, CALL)                                                                \
@@ -79,6 +83,8 @@ struct matmul_job {
 
 /* Rows r0..r1 of a matmul job. */
 typedef void matmul_rows_fn(const struct matmul_job *job, int64_t r0, int64_t r1);
+/* Rows r0..r1 (r0 a multiple of PANEL_ROWS) of a job of any number of tokens; OK or ERROR_MEMORY. */
+typedef int matmul_prompt_fn(const struct matmul_job *job, int64_t r0, int64_t r1);
 /* One stored row decoded to cols floats. */
 typedef void decode_row_fn(const uint8_t *row, int64_t cols, float *restrict out);
 
@@ -87,6 +93,7 @@ struct row_kernels {
     decode_row_fn *decode_row;
     matmul_rows_fn *matmul_rows_int8; /* NULL for types without an int8 kernel */
     int int8_block; /* its activations: per QK_K (job->x8) or per 32 (job->x32) */
+    matmul_prompt_fn *int8_prompt_rows; /* or NULL: an int8 kernel for prompts (more than MAX_TOKENS tokens) */
 };
 
 /* Fill k for this type and return 1, or return 0 if the file does not handle the type. */
@@ -217,6 +224,10 @@ static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm512_srli_epi32(a, n
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm512_slli_epi32(a, n); }
 /* Lane i holds bit i of bits (0 or 1). */
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return _mm512_maskz_set1_epi32((__mmask16)bits, 1); }
+static ALWAYS_INLINE vf vf_abs(vf a) { return _mm512_abs_ps(a); }
+static ALWAYS_INLINE vi vi_from_vf(vf a) { return _mm512_cvtps_epi32(a); } /* rounded to nearest even */
+static ALWAYS_INLINE int32_t vi_sum(vi a) { return _mm512_reduce_add_epi32(a); }
+static ALWAYS_INLINE void vi_store_i8(int8_t *p, vi a) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(a)); }
 /* Lanes q * scale + offset, for the code q in the low 4 (or 5) bits of each lane: a lookup in a table of
  * the block's 16 (32) values, one instruction where converting and scaling each lane takes two. */
 static ALWAYS_INLINE vf vf_codes16(vi q, float scale, float offset) {
@@ -292,6 +303,17 @@ static ALWAYS_INLINE vi vi_bits(uint32_t bits) {
     vi lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)bits), lanes), _mm256_set1_epi32(1));
 }
+static ALWAYS_INLINE vf vf_abs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static ALWAYS_INLINE vi vi_from_vf(vf a) { return _mm256_cvtps_epi32(a); } /* rounded to nearest even */
+static ALWAYS_INLINE int32_t vi_sum(vi a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+static ALWAYS_INLINE void vi_store_i8(int8_t *p, vi a) { /* lanes within int8 */
+    __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(pairs, pairs));
+}
 /* FP4 E2M1: the 8 magnitudes times the scale, each with its code's low 3 bits xored into bits 28-30, so that
  * one xor after the 8-lane lookup (by those 3 bits) both restores them and sets the sign from bit 3: lane bits
  * 28-31 become the code's 4 bits. */
@@ -341,6 +363,10 @@ static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }
 static ALWAYS_INLINE vi vi_bits(uint32_t bits) { return (vi)(bits & 1); }
+static ALWAYS_INLINE vf vf_abs(vf a) { return fabsf(a); }
+static ALWAYS_INLINE vi vi_from_vf(vf a) { return (vi)a; } /* of a whole number */
+static ALWAYS_INLINE int32_t vi_sum(vi a) { return a; }
+static ALWAYS_INLINE void vi_store_i8(int8_t *p, vi a) { *p = (int8_t)a; }
 typedef float fp4_table;
 static ALWAYS_INLINE fp4_table fp4_scaled(float scale) { return scale; }
 static ALWAYS_INLINE vf fp4_lookup(fp4_table scale, vi q) {

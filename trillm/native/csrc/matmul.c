@@ -36,6 +36,22 @@ static void matmul_chunk(void *arg, int chunk, int chunks) {
     }
 }
 
+struct prompt_call {
+    matmul_prompt_fn *prompt_rows;
+    struct matmul_job job;
+    int64_t rows;
+    _Atomic int failed;
+};
+
+/* One chunk of whole panels (PANEL_ROWS rows) for all tokens. */
+static void prompt_chunk(void *arg, int chunk, int chunks) {
+    struct prompt_call *call = arg;
+    int64_t panels = (call->rows + PANEL_ROWS - 1) / PANEL_ROWS, p0 = panels * chunk / chunks, p1 = panels * (chunk + 1) / chunks;
+    int64_t r1 = p1 * PANEL_ROWS < call->rows ? p1 * PANEL_ROWS : call->rows;
+    if (p0 < p1 && call->prompt_rows(&call->job, p0 * PANEL_ROWS, r1) != OK)
+        call->failed = 1;
+}
+
 /* y = x W^T: x is (tokens, cols), y is (tokens, rows), W has rows of row_bytes stored bytes. Rows are
  * split in contiguous chunks, each read once per MAX_TOKENS tokens. */
 int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
@@ -52,7 +68,7 @@ int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, i
 /* As trillm_matmul, with each token's activations first quantized to int8 (a scale per 32 of them, or per
  * QK_K for the K types), for the GGML types with an int8 kernel (ggml.c: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
  * Q6_K). What llama.cpp computes; no longer exactly a float matmul. cols must be a multiple of the type's
- * block. */
+ * block. Prompts go to the type's prompt kernel where it has one (a GEMM over repacked panels). */
 int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
                        int64_t tokens, float *y) {
     struct row_kernels kernels = {0};
@@ -67,8 +83,9 @@ int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
     void *quantized = aligned_alloc(64, (size + 63) / 64 * 64); /* no vector of q straddles two cache lines */
     if (!quantized)
         return ERROR_MEMORY;
-    struct matmul_call call = {kernels.matmul_rows_int8, {.w = w, .row_bytes = row_bytes, .cols = cols,
-                                                          .y = y, .y_stride = rows}, rows, tokens};
+    struct matmul_job job = {.w = w, .row_bytes = row_bytes, .cols = cols, .y = y, .y_stride = rows,
+                             .tokens = (int)tokens};
+    struct matmul_call call = {kernels.matmul_rows_int8, job, rows, tokens};
     if (kernels.int8_block == QK_K) {
         struct q8_k_block *x8 = quantized;
         for (int64_t i = 0; i < blocks; i++)
@@ -80,9 +97,16 @@ int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
             quantize_q8_32(x + i * 32, x32 + i);
         call.job.x32 = x32;
     }
-    run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
+    int status = OK;
+    if (kernels.int8_prompt_rows && tokens > MAX_TOKENS && tokens <= INT32_MAX) {
+        struct prompt_call prompt = {kernels.int8_prompt_rows, call.job, rows, 0};
+        run_parallel(prompt_chunk, &prompt, threads_for(rows * row_bytes), 1);
+        status = prompt.failed ? ERROR_MEMORY : OK;
+    } else {
+        run_parallel(matmul_chunk, &call, threads_for(rows * row_bytes), 1);
+    }
     free(quantized);
-    return OK;
+    return status;
 }
 
 struct decode_call {
