@@ -68,3 +68,47 @@ def test_model_commands_take_every_head_format():
     for command in (["generate", "-p", "x"], ["chat"], ["bench"]):
         for head in HEAD_FORMATS:
             assert build_parser().parse_args([*command, "--head", head]).head == head
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# Answers as llama-bench -o json does (the fields trillm reads), after checking the arguments trillm passes.
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+assert value("-o") == "json" and value("-r") == "1" and value("-t") == "1", args
+open({log!r}, "a").write(" ".join(args) + "\\n")
+tests = [dict(model_filename=value("-m"), n_prompt=int(value("-p")), n_gen=0, avg_ns=int(value("-p")) * 10**7),
+         dict(model_filename=value("-m"), n_prompt=0, n_gen=int(value("-n")), avg_ns=int(value("-n")) * 2 * 10**7)]
+print(json.dumps(tests, indent=2))
+"""
+
+
+def test_bench_runs_a_llama_bench_binary(tmp_path, capsys):
+    """A llama-bench binary (here a stand-in that answers as one) runs once a repetition on the GGUF given,
+    its 100 and 50 tok/s reported as its own; a missing or bad one is one clear line."""
+    from trillm import bench
+    from trillm.checkpoint import resolve_source
+    from trillm.cli import build_parser
+    from trillm.errors import TrillmError
+
+    binary, log = tmp_path / "llama-bench", tmp_path / "calls.log"
+    binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log)))
+    binary.chmod(0o755)
+    gguf = str(resolve_source(None))
+    bench.run_bench(build_parser().parse_args(["bench", "-p", "4", "-n", "2", "-r", "2", "-t", "1", "--json",
+                                               "--compare", "bitnet.cpp", str(binary), gguf]))
+    report = json.loads(capsys.readouterr().out)
+    theirs = report["engines"][f"bitnet.cpp ({resolve_source(None).name})"]
+    assert theirs["prefill_tokens_per_s"] == pytest.approx(100) and theirs["decode_tokens_per_s"] == pytest.approx(50)
+    assert log.read_text().splitlines() == [f"-m {gguf} -t 1 -r 1 -o json -p 4 -n 2"] * 3  # warm-up and 2 runs
+    # Its bytes per token from the spans between tensors: trillm's count of the same file, plus the padding
+    # to the file's 32-byte alignment.
+    exact = bench.gguf_bytes_per_token(gguf)
+    assert 0 <= bench.gguf_file_bytes_per_token(gguf) - exact < 32 * 300
+    assert theirs["weights_mb_per_token"] == pytest.approx(bench.gguf_file_bytes_per_token(gguf) / 2**20)
+    for compare, message in ((["bitnet.cpp", str(binary)], "needs its llama-bench binary and its I2_S GGUF"),
+                             (["llama.cpp", str(tmp_path / "none")], "is not an executable file"),
+                             (["llama.cpp", str(binary), str(log)], "is not a GGUF file"),
+                             (["vllm"], "choose transformers")):
+        with pytest.raises(TrillmError, match=message):
+            bench.run_bench(build_parser().parse_args(["bench", "-r", "1", "--compare", *compare]))

@@ -16,7 +16,7 @@ import time
 
 from trillm.errors import TrillmError
 
-ENGINES = ("trillm", "transformers", "llama.cpp")
+ENGINES = ("trillm", "transformers", "llama.cpp", "bitnet.cpp")
 
 
 # ---- Worker side: one engine, one model, one run per request ----------------------------------------
@@ -144,6 +144,64 @@ class LlamaCppRunner:
         return prefill, decode
 
 
+def gguf_file_bytes_per_token(path) -> int:
+    """gguf_bytes_per_token for a GGUF file whose tensor types trillm may not know (bitnet.cpp's I2_S): each
+    tensor's bytes are taken from where the next one starts."""
+    from trillm.checkpoint.gguf_file import HeaderReader
+
+    with open(path, "rb") as file:
+        header = HeaderReader(file.read(64 * 2**20))  # the header: metadata (vocabulary included) and tensor list
+    header.offset = 8
+    tensor_count, kv_count = header.scalar("<Q"), header.scalar("<Q")
+    metadata = {}
+    for _ in range(kv_count):
+        key = header.string()
+        metadata[key] = header.value(header.scalar("<I"))
+    tensors = []
+    for _ in range(tensor_count):
+        name = header.string()
+        dims = [header.scalar("<Q") for _ in range(header.scalar("<I"))]
+        header.offset += 4  # the type
+        tensors.append((header.scalar("<Q"), name))
+    alignment = metadata.get("general.alignment", 32)
+    data_start = -(-header.offset // alignment) * alignment
+    tensors.sort()
+    ends = [offset for offset, _ in tensors[1:]] + [os.path.getsize(path) - data_start]
+    names = {name for _, name in tensors}
+    return sum(end - offset for (offset, name), end in zip(tensors, ends)
+               if not (name == "token_embd.weight" and "output.weight" in names))
+
+
+class LlamaBenchRunner:
+    """A `llama-bench` binary (llama.cpp's, or bitnet.cpp's on its own I2_S file), one process a run, each
+    with llama-bench's two tests of one repetition: prompt processing of random tokens, then generation,
+    which starts from an empty context (trillm's and llama-cpp-python's decode after the prompt)."""
+
+    def __init__(self, binary: str, gguf: str):
+        self.command = [binary, "-m", gguf, "-t", os.environ["TRILLM_BENCH_THREADS"], "-r", "1", "-o", "json"]
+        self.vocab_size = 4  # unused: llama-bench draws its own prompt
+        self.weight_bytes = gguf_file_bytes_per_token(gguf)
+
+    def run(self, prompt: list[int], n_gen: int) -> tuple[float, float]:
+        command = [*self.command, "-p", str(len(prompt)), "-n", str(n_gen)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise TrillmError(f"{command[0]} failed (exit code {done.returncode}): {last}")
+        try:
+            tests = json.loads(done.stdout)
+            prefill = next(test for test in tests if test["n_gen"] == 0)["avg_ns"] / 1e9
+            decode = next(test for test in tests if test["n_prompt"] == 0)["avg_ns"] / 1e9
+        except (ValueError, TypeError, KeyError, StopIteration):
+            raise TrillmError(f"{command[0]}: its output is not llama-bench's JSON of a prompt and a generation "
+                              f"test") from None
+        return prefill, decode
+
+    @staticmethod
+    def peak_rss_bytes() -> int:
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest run's
+
+
 RUNNERS = {"trillm": TrillmRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
 
 
@@ -158,38 +216,43 @@ def worker_main(engine: str, model_source: str, dtype: str, options: dict, n_pro
 
         set_num_threads(threads)
     try:
-        runner = RUNNERS[engine](model_source, dtype, **(options if engine == "trillm" else {}))
+        if options.get("binary"):
+            runner = LlamaBenchRunner(options["binary"], options["gguf"])
+        else:
+            runner = RUNNERS[engine](model_source, dtype, **(options if engine == "trillm" else {}))
+        prompt = random_prompt(runner.vocab_size, n_prompt)
+        print(json.dumps({"ready": True, "weight_bytes": runner.weight_bytes}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            prefill, decode = runner.run(prompt, n_gen)
+            print(json.dumps({"prefill_s": prefill, "decode_s": decode}), flush=True)
     except Exception as error:  # reported by the parent as one line
         print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
         return
-    prompt = random_prompt(runner.vocab_size, n_prompt)
-    print(json.dumps({"ready": True, "weight_bytes": runner.weight_bytes}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        prefill, decode = runner.run(prompt, n_gen)
-        print(json.dumps({"prefill_s": prefill, "decode_s": decode}), flush=True)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports kilobytes
-    print(json.dumps({"peak_rss_bytes": peak_kb * 1024}), flush=True)
+    # Linux reports kilobytes
+    peak = getattr(runner, "peak_rss_bytes", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)()
+    print(json.dumps({"peak_rss_bytes": peak}), flush=True)
 
 
 # ---- Parent side ------------------------------------------------------------------------------------
 
 class Worker:
-    def __init__(self, engine: str, args, threads: int):
+    def __init__(self, label: str, args, threads: int, engine: str, binary: str | None, gguf: str | None):
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads), TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-        if engine == "llama.cpp":
+        if engine in ("llama.cpp", "bitnet.cpp"):
             # llama.cpp synchronises its OpenMP threads after every op: sleeping waiters cost it 3x. Its
             # threads spin only while it runs, and the engines take turns, so its own default is fair.
             del env["OMP_WAIT_POLICY"]
             env["TRILLM_KEEP_OMP_WAIT_POLICY"] = "1"  # or importing trillm (this worker) would set it again
         command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
-                   json.dumps({"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations,
+                   json.dumps({"binary": binary, "gguf": gguf} if binary else
+                              {"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations,
                                "activations": args.activations}),
                    str(args.n_prompt), str(args.n_gen)]
-        self.engine = engine
+        self.engine = label
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.weight_bytes = self.receive()["weight_bytes"]
         self.runs = []
@@ -238,6 +301,35 @@ def checkpoint_bytes(source) -> int:
     return path.stat().st_size if path.is_file() else sum(file.stat().st_size for file in path.glob("*.safetensors"))
 
 
+def reference_engine(args, compare: list[str]) -> tuple[str, tuple]:
+    """--compare ENGINE [LLAMA_BENCH [GGUF]] as (label, (engine, binary, gguf)): transformers and
+    llama-cpp-python on the model itself, or a llama-bench binary on the model's GGUF or the GGUF given
+    (bitnet.cpp's needs its own I2_S file)."""
+    engine, *paths = compare
+    if engine not in ("transformers", "llama.cpp", "bitnet.cpp"):
+        raise TrillmError(f"--compare {engine}: choose transformers, llama.cpp [LLAMA_BENCH [GGUF]] or bitnet.cpp "
+                          f"LLAMA_BENCH GGUF")
+    if engine == "transformers" and paths or len(paths) > 2:
+        raise TrillmError(f"--compare {' '.join(compare)}: too many paths")
+    if engine == "bitnet.cpp" and len(paths) != 2:
+        raise TrillmError("--compare bitnet.cpp needs its llama-bench binary and its I2_S GGUF file: "
+                          "--compare bitnet.cpp LLAMA_BENCH GGUF")
+    if not paths:
+        return engine, (engine, None, None)
+    binary = paths[0]
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        raise TrillmError(f"--compare {engine}: {binary} is not an executable file")
+    if len(paths) == 2:
+        gguf = paths[1]
+    else:
+        from trillm.checkpoint import resolve_source
+
+        gguf = str(resolve_source(args.model))
+    if not (os.path.isfile(gguf) and gguf.endswith(".gguf")):
+        raise TrillmError(f"--compare {engine}: {gguf} is not a GGUF file (llama-bench reads only those)")
+    return f"{engine} ({os.path.basename(gguf)})", (engine, binary, gguf)
+
+
 def run_bench(args):
     threads = args.threads or os.cpu_count()
     for name in ("n_prompt", "n_gen", "repetitions"):
@@ -246,13 +338,13 @@ def run_bench(args):
     from trillm.checkpoint import open_checkpoint
 
     open_checkpoint(args.model)  # a bad source fails here, in one line, before any worker starts
-    engines = ["trillm"] + [engine for engine in args.compare if engine != "trillm"]
+    engines = {"trillm": ("trillm", None, None)} | dict(reference_engine(args, compare) for compare in args.compare)
     # Engines that would not fit in memory side by side (gpt-oss-20b: llama.cpp keeps a second copy of its
     # experts) run one after another; else they take turns, run by run.
     sequential = len(engines) * checkpoint_bytes(args.model) > 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     results = {}
-    for group in ([[engine] for engine in engines] if sequential else [engines]):
-        workers = [Worker(engine, args, threads) for engine in group]
+    for group in ([[label] for label in engines] if sequential else [list(engines)]):
+        workers = [Worker(label, args, threads, *engines[label]) for label in group]
         for worker in workers:  # warm-up: caches, thread pools, lazy initialisation
             worker.run()
         for _ in range(args.repetitions):

@@ -330,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to prefill")
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="measured runs (medians are reported)")
-    bench.add_argument("--compare", action="append", default=[], choices=["transformers", "llama.cpp"],
-                       help="measure a reference on the same file in the same run")
+    bench.add_argument("--compare", action="append", default=[], nargs="+", metavar="ENGINE [PATH]",
+                       help="measure a reference in the same run: transformers or llama.cpp (llama-cpp-python) on "
+                            "the same model, llama.cpp LLAMA_BENCH [GGUF] (a llama-bench binary, on the model's "
+                            "GGUF or the one given), bitnet.cpp LLAMA_BENCH GGUF (bitnet.cpp's, on its I2_S file)")
     bench.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
                        help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
