@@ -371,17 +371,18 @@ def run_bench(args):
 
 
 def format_report(report: dict) -> str:
+    engines = report["engines"]
+    width = max(14, *(len(engine) + 2 for engine in engines))
     lines = [
         f"model: {report['model']}",
         f"threads: {report['threads']}  trillm's kernels: {report['native_kernels']}  prompt: {report['n_prompt']} "
         f"tokens  generate: {report['n_gen']} tokens  medians of {report['repetitions']} runs after a warm-up",
         "",
-        f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"
+        f"{'engine':<{width}}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}"
         f"{'weights MB/token':>18}{'implied GB/s':>14}",
     ]
-    engines = report["engines"]
     for engine, r in engines.items():
-        lines.append(f"{engine:<14}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}"
+        lines.append(f"{engine:<{width}}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}"
                      f"{r['peak_rss_mb']:>13.0f}{r['weights_mb_per_token']:>18.1f}{r['implied_gb_per_s']:>14.2f}")
     if report["sequential"]:
         lines.append("(the engines ran one after another: side by side they would not fit in this machine's memory)")
