@@ -7,6 +7,7 @@ before main() runs, so that Ctrl-C during the imports is one line too.
 
 import argparse
 import os
+import re
 import sys
 
 from trillm.errors import TrillmError
@@ -280,6 +281,33 @@ def command_bench(args):
     run_bench(args)
 
 
+def command_inspect(args):
+    import json as json_module
+
+    from trillm.inspect import inspect_checkpoint, module_report, render, render_modules
+
+    if args.verify != "all" and not args.verify.isdigit():
+        raise TrillmError(f"--verify takes a number of layers or 'all', not {args.verify!r}")
+    if args.filter:
+        try:
+            re.compile(args.filter)
+        except re.error as error:
+            raise TrillmError(f"--filter {args.filter!r} is not a regular expression ({error})") from None
+    if args.target_tps is not None and not args.target_tps > 0:
+        raise TrillmError("--target-tps must be a positive number of tokens per second")
+    report = inspect_checkpoint(args.model, args.verify, args.target_tps, args.filter)
+    modules = module_report(args.model) if args.modules else None
+    if args.json:
+        print(json_module.dumps({**report, **({"modules": modules} if modules else {})}, indent=2))
+    else:
+        render(report)
+        if modules:
+            render_modules(modules)
+    if report["verification_failed"]:
+        failed = report["verification_failed"]
+        raise TrillmError(f"{report['path']}: {len(failed)} tensors failed verification (the first: {failed[0]})")
+
+
 def command_synth(args):
     from trillm.synth import has_llama3_vocabulary, write_preset
 
@@ -338,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(run=command_bench)
+
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds: tensors, statistics, structure, "
+                                                  "planning figures, verification of packed weights")
+    inspect.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                         help="model folder, .gguf file or Hugging Face repo id (default: the default model)")
+    inspect.add_argument("--filter", default=None, metavar="REGEX", help="list only the tensors whose name matches")
+    inspect.add_argument("--verify", default="2", metavar="N|all",
+                         help="layers whose packed weights are decoded and checked (default 2: the first and last)")
+    inspect.add_argument("--target-tps", type=float, default=None, metavar="N",
+                         help="the memory bandwidth N decoded tokens a second need")
+    inspect.add_argument("--modules", action="store_true", help="also the module tree trillm builds, and its weights")
+    inspect.add_argument("--json", action="store_true", help="the same as one JSON document")
+    inspect.set_defaults(run=command_inspect)
 
     from trillm.synth import LAYOUTS, PRESETS
 
