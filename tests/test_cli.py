@@ -24,6 +24,17 @@ def test_tokenize_marks_special_tokens():
     assert all("(special)" not in line for line in lines[1:])
 
 
+def test_tokenize_shows_the_text_each_token_stands_for():
+    lines = trillm("tokenize", "--no-bos", "Hello wörld 你").splitlines()
+    assert [line.split(" -> ")[1] for line in lines] == ["'Hello'", "'␣w'", "'ör'", "'ld'", "'␣'", "<0xE4><0xBD>",
+                                                        "<0xA0>"]
+    raw = trillm("tokenize", "--no-bos", "--raw", "Hello wörld").splitlines()
+    assert raw[1].split(" -> ")[1] == "'␣w'  'Ġw'"
+    tokens = json.loads(trillm("tokenize", "--json", "<|im_start|>Hello wörld"))
+    assert tokens[0] == {"id": 1, "text": "'<|im_start|>'", "bytes": None, "piece": "<|im_start|>", "special": True}
+    assert bytes.fromhex(tokens[3]["bytes"]).decode() == "ör" and tokens[3]["piece"] == "Ã¶r"
+
+
 def test_generate_prints_only_the_continuation():
     out = trillm("generate", "--raw", "-p", "The capital of France is", "-n", "3", "--temperature", "0")
     assert out.strip().startswith("Paris")

@@ -116,3 +116,35 @@ def write_sentencepiece_gguf(path: Path, model_proto: bytes) -> None:
 def write_llama3_tiktoken_model(path: Path) -> None:
     """Meta's Llama 3 tokenizer.model, from quicktok's copy of its ranks."""
     path.write_bytes(llama3_tiktoken_file())
+
+
+# llama.cpp's own tokenizer test cases (texts and the ids the original tokenizers give), from the llama.cpp
+# tree the llama-cpp-python source distribution carries: downloaded once from PyPI into a cache.
+LLAMA_CPP_PYTHON_SDIST = "llama-cpp-python==0.3.36"
+LLAMA_CPP_VOCAB_CACHE = Path.home() / ".cache" / "trillm" / "llama-cpp-vocab"
+
+
+def llama_cpp_vocab_cases(name: str) -> tuple[Path, list[tuple[str, list[int]]]]:
+    """(the ggml-vocab-NAME.gguf file, its (text, ids) cases)."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    gguf = LLAMA_CPP_VOCAB_CACHE / f"ggml-vocab-{name}.gguf"
+    if not gguf.with_suffix(".gguf.out").is_file():
+        with tempfile.TemporaryDirectory() as download:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "-d", download, LLAMA_CPP_PYTHON_SDIST], check=True)
+            (archive,) = Path(download).glob("*.tar.gz")
+            LLAMA_CPP_VOCAB_CACHE.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    if "/vendor/llama.cpp/models/ggml-vocab-" in member.name and member.isfile():
+                        with tar.extractfile(member) as source:
+                            partial = LLAMA_CPP_VOCAB_CACHE / (Path(member.name).name + ".partial")
+                            partial.write_bytes(source.read())
+                            partial.rename(LLAMA_CPP_VOCAB_CACHE / Path(member.name).name)
+    texts = gguf.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = gguf.with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
+    return gguf, [(text, [int(i) for i in line.split()]) for text, line in zip(texts, ids)]

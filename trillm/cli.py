@@ -266,13 +266,36 @@ def chat_turn(model, conversation, session, text: str, args, sampling):
         note("(the reply was cut short: the context is full; the next message drops the oldest ones, or /reset)")
 
 
+def readable_piece(piece_bytes: bytes | None, piece: str) -> str:
+    """A token as the text it stands for, quoted, a space shown as ␣; bytes that are part of a UTF-8
+    character as <0xNN>; a special token as its name."""
+    if piece_bytes is None:
+        return repr(piece)
+    try:
+        return repr(piece_bytes.decode("utf-8").replace(" ", "␣"))
+    except UnicodeDecodeError:
+        return "".join(f"<0x{byte:02X}>" for byte in piece_bytes)
+
+
 def command_tokenize(args):
+    import json
+
     text = valid_text(args.text, "the text")
     model = load_model(args)
     tokenizer = model.require_tokenizer()
+    tokens = []
     for token_id in tokenizer.encode(text, add_special_tokens=not args.no_bos):
-        mark = "  (special)" if tokenizer.is_special(token_id) else ""
-        print(f"{token_id:>8} -> {tokenizer.piece(token_id)!r}{mark}")
+        piece_bytes = tokenizer.token_bytes(token_id)
+        tokens.append({"id": token_id, "text": readable_piece(piece_bytes, tokenizer.piece(token_id)),
+                       "bytes": None if piece_bytes is None else piece_bytes.hex(), "piece": tokenizer.piece(token_id),
+                       "special": tokenizer.is_special(token_id)})
+    if args.json:
+        print(json.dumps(tokens, ensure_ascii=False, indent=2))
+        return
+    for token in tokens:
+        raw = f"  {token['piece']!r}" if args.raw else ""
+        mark = "  (special)" if token["special"] else ""
+        print(f"{token['id']:>8} -> {token['text']}{raw}{mark}")
 
 
 def command_bench(args):
@@ -351,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(tokenize)
     tokenize.add_argument("text")
     tokenize.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
+    tokenize.add_argument("--raw", action="store_true", help="also each token as the vocabulary spells it")
+    tokenize.add_argument("--json", action="store_true", help="the tokens as JSON: id, text, bytes (hex), piece, "
+                                                              "special")
     tokenize.set_defaults(run=command_tokenize)
 
     bench = commands.add_parser("bench", help="prefill and decode speed, memory, bandwidth")

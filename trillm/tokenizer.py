@@ -131,10 +131,13 @@ class Tokenizer:
         chat_template: str | None = None,
         other_special_tokens: Iterable[str | None] = (),
         other_stop_ids: Iterable[int] = (),
+        dummy_prefix: bool = False,
     ):
         """`add_bos` and `add_eos` both None keep the backend's own post-processor (a tokenizer.json's);
-        otherwise BOS and EOS are added as they say, a None one meaning no."""
+        otherwise BOS and EOS are added as they say, a None one meaning no. `dummy_prefix`: a SentencePiece
+        vocabulary whose backend puts `▁` before the text (see encode)."""
         self.backend = backend
+        self.dummy_prefix = dummy_prefix
         # An engine must see the whole prompt: a length limit or padding in a tokenizer.json is for training.
         backend.no_truncation()
         backend.no_padding()
@@ -175,6 +178,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in it become their ids, as in transformers."""
+        if self.dummy_prefix and text.startswith(" "):
+            # SentencePiece puts its `▁` before every text; tokenizers' Metaspace leaves it out of a text that
+            # already begins with one (a space), so ' Hello' came out as '▁Hello', not '▁' '▁Hello'.
+            text = " " + text
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -189,6 +196,22 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of text a token stands for (a piece may hold part of a UTF-8 character); None for a
+        special token, which stands for no text."""
+        if self.is_special(token_id):
+            return None
+        piece = self.piece(token_id)
+        if isinstance(self.backend.decoder, decoders.ByteLevel):  # GPT-2's alphabet: a character a byte
+            byte_of = _gpt2_byte_of_character()
+            if all(character in byte_of for character in piece):
+                return bytes(byte_of[character] for character in piece)
+            return piece.encode("utf-8")  # an added token spelled as plain text
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte:  # SentencePiece's byte fallback
+            return bytes([int(byte[1], 16)])
+        return piece.replace("▁", " ").encode("utf-8")
 
 
 class StreamDecoder:
@@ -243,6 +266,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         # transformers 5 drops add_bos_token/add_eos_token from the config when a tokenizer.json exists:
         # the file's post-processor alone decides (the two agree in files transformers 4 saved).
         add_bos = add_eos = None
+        dummy_prefix = False  # the file's pre-tokenizer as transformers runs it
     elif (folder / "tokenizer.model").is_file():
         path = folder / "tokenizer.model"
         if _is_tiktoken_file(path):
@@ -250,6 +274,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
             default_bos, default_eos = LLAMA3_NAMED_SPECIAL_TOKENS[:2]
         else:
             backend, default_bos, default_eos = _sentencepiece_model_backend(path, config)
+        dummy_prefix = _has_dummy_prefix(backend)  # SentencePiece's own result, as its slow tokenizer gives
         add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
         if add_bos is None and add_eos is None:
             # Meta's reference encoders (and llama.cpp) start every prompt with BOS. transformers 5 adds
@@ -266,6 +291,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         add_bos=add_bos,
         add_eos=add_eos,
         chat_template=_chat_template(folder, config),
+        dummy_prefix=dummy_prefix,
         other_special_tokens=(named_token("unk_token"), named_token("pad_token")),
         other_stop_ids=eos_ids,
     )
@@ -422,7 +448,9 @@ def tokenizer_from_gguf(metadata: dict, source="GGUF file") -> Tokenizer:
                                       f"token")
             vocab = {token: index for index, token in enumerate(tokens)}
             merges = _sentencepiece_merges(vocab, dict(zip(tokens, metadata["tokenizer.ggml.scores"])))
-        backend = _sentencepiece_backend(tokens, types, merges, prepend_scheme="first")
+        # llama.cpp's add_space_prefix: SentencePiece's add_dummy_prefix, true unless the file says not
+        prepend = "first" if fields.flag("tokenizer.ggml.add_space_prefix", True) else "never"
+        backend = _sentencepiece_backend(tokens, types, merges, prepend_scheme=prepend)
     else:
         raise CheckpointError(
             f"{source}: GGUF tokenizer {kind!r} for architecture {architecture!r} is not supported "
@@ -447,7 +475,14 @@ def tokenizer_from_gguf(metadata: dict, source="GGUF file") -> Tokenizer:
         chat_template=fields.text("tokenizer.chat_template", None) if "tokenizer.chat_template" in fields else None,
         other_special_tokens=(token_named("unknown_token_id"), token_named("padding_token_id")),
         other_stop_ids=[i for i in stop_ids if i is not None],
+        dummy_prefix=_has_dummy_prefix(backend),
     )
+
+
+def _has_dummy_prefix(backend: BackendTokenizer) -> bool:
+    """Whether the backend is one of ours for SentencePiece that puts `▁` before the text."""
+    pre = backend.pre_tokenizer
+    return isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme != "never"
 
 
 def _gguf_byte_level_backend(tokens: list[str], types: list[int], merges: list, pre: str | None) -> BackendTokenizer:
@@ -526,6 +561,11 @@ def _two_part_splits(token, vocab, lengths: set[int]) -> list[tuple]:
     character would make a long token cost its length squared (a 60,000-character token: 3.8 GB)."""
     return [(token[:cut], token[cut:]) for cut in range(1, len(token))
             if cut in lengths and len(token) - cut in lengths and token[:cut] in vocab and token[cut:] in vocab]
+
+
+@functools.cache
+def _gpt2_byte_of_character() -> dict[str, int]:
+    return {character: byte for byte, character in _gpt2_byte_spelling().items()}
 
 
 def _gpt2_byte_spelling() -> dict[int, str]:
