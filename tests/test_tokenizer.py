@@ -465,7 +465,7 @@ def test_unsupported_gguf_vocabularies():
 # tiktoken-style BPE for Llama 3, GPT-2's) give, for the vocabularies trillm claims
 
 
-@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "gpt-2", "qwen2", "qwen35"])
+@pytest.mark.parametrize("name", ["llama-spm", "llama-bpe", "deepseek-coder", "gpt-2", "qwen2", "qwen35"])
 def test_llama_cpp_vocabulary_cases(name):
     path, cases = llama_cpp_vocab_cases(name)
     assert len(cases) >= 47

@@ -78,7 +78,12 @@ GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# DeepSeek Coder's splits, each applied to the pieces the one before left: line breaks, words with one
+# space before, punctuation runs likewise, CJK runs, single digits.
+DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+                         r"\p{N}")
 GGUF_SPLIT_PATTERNS = {
+    "deepseek-coder": DEEPSEEK_CODER_SPLITS,
     **dict.fromkeys(
         ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
          "jina-v5-nano", "dbrx", "smaug-bpe"],
@@ -507,17 +512,18 @@ def _gguf_byte_level_backend(tokens: list[str], types: list[int], merges: list, 
 # The two BPE shapes every format above reduces to
 
 
-def _byte_level_backend(vocab: dict[str, int], merges: list, split_pattern: str | None, ignore_merges: bool):
-    """GPT-2 style byte-level BPE: text split by a regex, each byte spelled as one printable character."""
+def _byte_level_backend(vocab: dict[str, int], merges: list, split_pattern: str | tuple[str, ...] | None,
+                        ignore_merges: bool):
+    """GPT-2 style byte-level BPE: text split by a regex (or several in turn), each byte spelled as one
+    printable character."""
     backend = BackendTokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges, dropout=None))
     if split_pattern is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own pattern
     else:
+        patterns = (split_pattern,) if isinstance(split_pattern, str) else split_pattern
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
+            [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in patterns]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     backend.decoder = decoders.ByteLevel()
     return backend
