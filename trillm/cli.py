@@ -6,9 +6,11 @@ before main() runs, so that Ctrl-C during the imports is one line too.
 """
 
 import argparse
+import math
 import os
 import re
 import sys
+from pathlib import Path
 
 from trillm.errors import TrillmError
 
@@ -331,6 +333,31 @@ def command_inspect(args):
         raise TrillmError(f"{report['path']}: {len(failed)} tensors failed verification (the first: {failed[0]})")
 
 
+def command_train(args):
+    from trillm.train.export import export_model
+    from trillm.train.loop import TrainSettings, load_tokenizer, model_from_checkpoint, train
+
+    if args.export:
+        model = model_from_checkpoint(args.out)
+        tokenizer = load_tokenizer(args.tokenizer)
+        print(f"exported to {export_model(model, tokenizer, args.export, args.layout)} ({args.layout} layout)")
+        return
+    if not args.preset or not args.data:
+        raise TrillmError("trillm train needs --preset and --data (or --export DIR to export a run's checkpoint)")
+    settings = TrainSettings(preset=args.preset, data=args.data, out=args.out, steps=args.steps,
+                             batch_tokens=args.batch_tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                             lr=tuple(args.lr) if args.lr else None, warmup=args.warmup, val_every=args.val_every,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
+                             tokenizer=args.tokenizer)
+    result = train(settings)
+    print(f"step {settings.steps}: loss {result['loss']:.4f}, validation loss {result['val_loss']:.4f} "
+          f"(perplexity {math.exp(result['val_loss']):.1f})")
+    if settings.precision == "ternary":
+        for layout in ("packed", "bf16"):
+            folder = export_model(result["model"].eval(), result["tokenizer"], Path(args.out) / layout, layout)
+            print(f"exported the {layout} layout to {folder}")
+
+
 def command_synth(args):
     from trillm.synth import has_llama3_vocabulary, write_preset
 
@@ -405,6 +432,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--modules", action="store_true", help="also the module tree trillm builds, and its weights")
     inspect.add_argument("--json", action="store_true", help="the same as one JSON document")
     inspect.set_defaults(run=command_inspect)
+
+    from trillm.train.recipe import PRESETS as TRAIN_PRESETS
+
+    train_parser = commands.add_parser("train", help="train a BitNet b1.58 model (or the same one in full precision)")
+    train_parser.add_argument("--preset", choices=list(TRAIN_PRESETS), help="the model's shape and learning rates")
+    train_parser.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders of them, or .jsonl")
+    train_parser.add_argument("--out", required=True, help="the run's folder: checkpoint, log, exports")
+    train_parser.add_argument("--steps", type=int, default=200)
+    train_parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per optimizer step")
+    train_parser.add_argument("--seq-len", type=int, default=256)
+    train_parser.add_argument("--micro-batch", type=int, default=8, help="sequences a forward (accumulated)")
+    train_parser.add_argument("--lr", type=float, nargs=2, metavar=("PEAK1", "PEAK2"),
+                              help="the two stages' peak learning rates (default: the preset's)")
+    train_parser.add_argument("--warmup", type=int, default=375)
+    train_parser.add_argument("--val-every", type=int, default=50)
+    train_parser.add_argument("--checkpoint-every", type=int, default=100)
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--precision", default="ternary", choices=["ternary", "full"],
+                              help="full: the same architecture without quantization, the baseline")
+    train_parser.add_argument("--tokenizer", default=None, metavar="MODEL",
+                              help="the tokenizer of this model folder or GGUF (default: the default model's)")
+    train_parser.add_argument("--export", default=None, metavar="DIR", help="only export --out's checkpoint to DIR")
+    train_parser.add_argument("--layout", default="packed", choices=["packed", "bf16"], help="with --export")
+    train_parser.set_defaults(run=command_train)
 
     from trillm.synth import LAYOUTS, PRESETS
 

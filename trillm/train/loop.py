@@ -1,0 +1,165 @@
+"""`trillm train`: the loop. AdamW under the two-stage schedules (recipe.py), gradient accumulation to the
+batch size in tokens, gradient clipping, a progress bar with loss, tokens/s and ETA, validation loss every
+N steps, the log as JSON lines, and a checkpoint every N steps (model, optimizer, step; the data positions
+follow from the step) that a later run with the same --out resumes exactly. Ctrl-C saves one first."""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trillm.errors import TrillmError
+from trillm.train.data import TokenBatches, tokenize_sources
+from trillm.train.recipe import BETAS, PRESETS, WARMUP_STEPS, WEIGHT_DECAY, BitNetModel, TwoStageSchedule, \
+    decay_groups, preset_shape
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainSettings:
+    preset: str
+    data: list[str]
+    out: str
+    steps: int = 200
+    batch_tokens: int = 16384  # per optimizer step
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences a forward
+    lr: tuple[float, float] | None = None  # the two peaks; None: the preset's
+    warmup: int = WARMUP_STEPS
+    weight_decay: float = WEIGHT_DECAY
+    clip: float = 1.0
+    val_every: int = 50
+    val_batches: int = 4
+    checkpoint_every: int = 100
+    val_fraction: float = 0.02
+    seed: int = 0
+    precision: str = "ternary"  # or "full": the same architecture in full precision, the baseline
+    tokenizer: str | None = None  # a model folder or GGUF whose tokenizer to use; None: the default model's
+
+
+def check_settings(s: TrainSettings):
+    if s.preset not in PRESETS:
+        raise TrillmError(f"unknown preset {s.preset!r} (choose from {', '.join(PRESETS)})")
+    if s.precision not in ("ternary", "full"):
+        raise TrillmError(f"--precision {s.precision!r}: choose ternary or full")
+    for name in ("steps", "batch_tokens", "seq_len", "micro_batch", "val_every", "val_batches", "checkpoint_every"):
+        if getattr(s, name) < 1:
+            raise TrillmError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.batch_tokens < s.seq_len:
+        raise TrillmError(f"--batch-tokens {s.batch_tokens} is less than one sequence (--seq-len {s.seq_len})")
+    if not 0 < s.val_fraction < 0.5:
+        raise TrillmError("--val-fraction must be between 0 and 0.5")
+
+
+def load_tokenizer(source: str | None):
+    from trillm.checkpoint import open_checkpoint
+
+    tokenizer = open_checkpoint(source).tokenizer()
+    if tokenizer is None:
+        raise TrillmError(f"--tokenizer {source}: that model has no tokenizer")
+    return tokenizer
+
+
+def evaluate(model, batches: TokenBatches, settings: TrainSettings) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for index in range(settings.val_batches):
+            batch = batches.batch(0, index, settings.micro_batch, "validation")
+            logits = model(batch[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSettings):
+    partial = path.with_suffix(".partial")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "settings": asdict(settings), "shape": model.shape.to_dict()}, partial)
+    os.replace(partial, path)
+
+
+def train(settings: TrainSettings, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    check_settings(settings)
+    out = Path(settings.out)
+    tokenizer = load_tokenizer(settings.tokenizer)
+    tokens = tokenize_sources(settings.data, tokenizer, out / "data")
+    batches = TokenBatches(tokens, settings.seq_len, settings.val_fraction, settings.seed)
+    shape = preset_shape(settings.preset, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, max_position_embeddings=max(settings.seq_len, 2048))
+    torch.manual_seed(settings.seed)
+    model = BitNetModel(shape, ternary=settings.precision == "ternary")
+    schedule = TwoStageSchedule(settings.steps, settings.lr or PRESETS[settings.preset]["lr"], settings.warmup,
+                                settings.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(model, schedule.decay(0)), lr=schedule.learning_rate(0), betas=BETAS)
+    start = 0
+    checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.is_file():  # resume: weights_only, so nothing but tensors and plain values is unpickled
+        state = torch.load(checkpoint_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    sequences = settings.batch_tokens // settings.seq_len
+    micro_batches = math.ceil(sequences / settings.micro_batch)
+    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress)
+    completed, loss_value = start, float("nan")  # steps whose update the model holds
+    try:
+        model.train()
+        for step in range(start, settings.steps):
+            began = time.perf_counter()
+            lr, decay = schedule.learning_rate(step), schedule.decay(step)
+            optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+            optimizer.param_groups[0]["weight_decay"] = decay
+            total = 0.0
+            for micro in range(micro_batches):
+                count = min(settings.micro_batch, sequences - micro * settings.micro_batch)
+                batch = batches.batch(step, micro, count)
+                logits = model(batch[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) * count / sequences
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed, loss_value = step + 1, total
+            record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay,
+                      "tokens_per_s": sequences * settings.seq_len / (time.perf_counter() - began)}
+            if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
+                record["val_loss"] = evaluate(model, batches, settings)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if completed % settings.checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+    except KeyboardInterrupt:
+        save_checkpoint(checkpoint_path, model, optimizer, completed, settings)  # a later run resumes there
+        raise
+    finally:
+        bar.close()
+        log.close()
+    save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+    return {"model": model, "tokenizer": tokenizer, "loss": loss_value,
+            "val_loss": evaluate(model, batches, settings)}
+
+
+def model_from_checkpoint(out: str | Path) -> BitNetModel:
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise TrillmError(f"{out}: no training checkpoint ({CHECKPOINT}) to export")
+    from trillm.train.recipe import ModelShape
+
+    state = torch.load(path, weights_only=True)
+    model = BitNetModel(ModelShape(**state["shape"]), ternary=state["settings"]["precision"] == "ternary")
+    model.load_state_dict(state["model"])
+    return model.eval()
