@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     from trillm.train.recipe import PRESETS as TRAIN_PRESETS
 
     train_parser = commands.add_parser("train", help="train a BitNet b1.58 model (or the same one in full precision)")
-    train_parser.add_argument("--preset", choices=list(TRAIN_PRESETS), help="the model's shape and learning rates")
+    train_parser.add_argument("--preset", help=f"the model's shape and learning rates: {', '.join(TRAIN_PRESETS)}")
     train_parser.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders of them, or .jsonl")
     train_parser.add_argument("--out", required=True, help="the run's folder: checkpoint, log, exports")
     train_parser.add_argument("--steps", type=int, default=200)

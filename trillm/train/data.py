@@ -70,6 +70,8 @@ def tokenize_sources(paths: list[str], tokenizer, cache: Path) -> np.ndarray:
                                           desc="tokenizing", delay=1.0) as bar:
         for file in files:
             for text in documents(file):
+                if not text.strip():
+                    continue
                 ids = tokenizer.encode(text, add_special_tokens=False) + ([eos] if eos is not None else [])
                 np.asarray(ids, dtype=np.uint32).tofile(out)
                 count += len(ids)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from trillm.errors import TrillmError
 from trillm.train.data import TokenBatches, tokenize_sources
-from trillm.train.recipe import BETAS, PRESETS, WARMUP_STEPS, WEIGHT_DECAY, BitNetModel, TwoStageSchedule, \
-    decay_groups, preset_shape
+from trillm.train.recipe import BETAS, PRESETS, WARMUP_STEPS, WEIGHT_DECAY, BitNetModel, ModelShape, \
+    TwoStageSchedule, decay_groups, preset_shape
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -51,6 +51,9 @@ def check_settings(s: TrainSettings):
     for name in ("steps", "batch_tokens", "seq_len", "micro_batch", "val_every", "val_batches", "checkpoint_every"):
         if getattr(s, name) < 1:
             raise TrillmError(f"--{name.replace('_', '-')} must be at least 1")
+    context = ModelShape.__dataclass_fields__["max_position_embeddings"].default
+    if s.seq_len > context:
+        raise TrillmError(f"--seq-len {s.seq_len} is beyond the model's context of {context} positions")
     if s.batch_tokens < s.seq_len:
         raise TrillmError(f"--batch-tokens {s.batch_tokens} is less than one sequence (--seq-len {s.seq_len})")
     if not 0 < s.val_fraction < 0.5:
@@ -85,7 +88,9 @@ def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSett
     os.replace(partial, path)
 
 
-def train(settings: TrainSettings, progress: bool = True) -> dict:
+def train(settings: TrainSettings, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) the training; `stop_after` ends this run after that step, checkpoint saved, as an
+    interrupted one would end."""
     from tqdm import tqdm
 
     check_settings(settings)
@@ -94,7 +99,7 @@ def train(settings: TrainSettings, progress: bool = True) -> dict:
     tokens = tokenize_sources(settings.data, tokenizer, out / "data")
     batches = TokenBatches(tokens, settings.seq_len, settings.val_fraction, settings.seed)
     shape = preset_shape(settings.preset, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id, max_position_embeddings=max(settings.seq_len, 2048))
+                         eos_token_id=tokenizer.eos_id)
     torch.manual_seed(settings.seed)
     model = BitNetModel(shape, ternary=settings.precision == "ternary")
     schedule = TwoStageSchedule(settings.steps, settings.lr or PRESETS[settings.preset]["lr"], settings.warmup,
@@ -115,7 +120,7 @@ def train(settings: TrainSettings, progress: bool = True) -> dict:
     completed, loss_value = start, float("nan")  # steps whose update the model holds
     try:
         model.train()
-        for step in range(start, settings.steps):
+        for step in range(start, min(settings.steps, stop_after or settings.steps)):
             began = time.perf_counter()
             lr, decay = schedule.learning_rate(step), schedule.decay(step)
             optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
@@ -157,8 +162,6 @@ def model_from_checkpoint(out: str | Path) -> BitNetModel:
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise TrillmError(f"{out}: no training checkpoint ({CHECKPOINT}) to export")
-    from trillm.train.recipe import ModelShape
-
     state = torch.load(path, weights_only=True)
     model = BitNetModel(ModelShape(**state["shape"]), ternary=state["settings"]["precision"] == "ternary")
     model.load_state_dict(state["model"])

@@ -53,7 +53,7 @@ class ModelShape:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = 4096  # the 2B4T's
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     bos_token_id: int | None = None
