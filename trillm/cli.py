@@ -350,6 +350,8 @@ def command_train(args):
                              checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
                              tokenizer=args.tokenizer)
     result = train(settings)
+    if result["rank"] != 0:  # under torchrun: rank 0 reports and exports
+        return
     print(f"step {settings.steps}: loss {result['loss']:.4f}, validation loss {result['val_loss']:.4f} "
           f"(perplexity {math.exp(result['val_loss']):.1f})")
     if settings.precision == "ternary":

@@ -3,6 +3,7 @@ batch size in tokens, gradient clipping, a progress bar with loss, tokens/s and 
 N steps, the log as JSON lines, and a checkpoint every N steps (model, optimizer, step; the data positions
 follow from the step) that a later run with the same --out resumes exactly. Ctrl-C saves one first."""
 
+import contextlib
 import json
 import math
 import os
@@ -88,15 +89,32 @@ def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSett
     os.replace(partial, path)
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): a run started by torchrun joins its process group (gloo on CPUs, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
 def train(settings: TrainSettings, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) the training; `stop_after` ends this run after that step, checkpoint saved, as an
-    interrupted one would end."""
+    interrupted one would end. Under torchrun each of the processes takes every world-th micro-batch of
+    each step's batch, DDP averages the gradients, and rank 0 alone logs and saves: the same steps as one
+    process with the same batch, up to the order of the float sums."""
     from tqdm import tqdm
 
     check_settings(settings)
+    rank, world = distributed()
     out = Path(settings.out)
     tokenizer = load_tokenizer(settings.tokenizer)
+    if rank != 0:  # rank 0 tokenizes, the others then read its file
+        torch.distributed.barrier()
     tokens = tokenize_sources(settings.data, tokenizer, out / "data")
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     batches = TokenBatches(tokens, settings.seq_len, settings.val_fraction, settings.seed)
     shape = preset_shape(settings.preset, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                          eos_token_id=tokenizer.eos_id)
@@ -115,8 +133,16 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     out.mkdir(parents=True, exist_ok=True)
     sequences = settings.batch_tokens // settings.seq_len
     micro_batches = math.ceil(sequences / settings.micro_batch)
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress)
+    if micro_batches < world:
+        raise TrillmError(f"{micro_batches} micro-batches a step cannot keep {world} processes busy: raise "
+                          f"--batch-tokens or lower --micro-batch")
+    stepper = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepper = DistributedDataParallel(model)
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     completed, loss_value = start, float("nan")  # steps whose update the model holds
     try:
         model.train()
@@ -125,36 +151,47 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             lr, decay = schedule.learning_rate(step), schedule.decay(step)
             optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
             optimizer.param_groups[0]["weight_decay"] = decay
-            total = 0.0
-            for micro in range(micro_batches):
+            total = torch.zeros(())
+            mine = range(rank, micro_batches, world)
+            for index, micro in enumerate(mine):
                 count = min(settings.micro_batch, sequences - micro * settings.micro_batch)
                 batch = batches.batch(step, micro, count)
-                logits = model(batch[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) * count / sequences
-                loss.backward()
-                total += loss.item()
+                # The gradients are summed over the processes' micro-batches once, at the last one (DDP
+                # averages: hence the factor world).
+                with stepper.no_sync() if world > 1 and index < len(mine) - 1 else contextlib.nullcontext():
+                    logits = stepper(batch[:, :-1])
+                    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) * count / sequences
+                    (loss * world).backward()
+                total += loss.detach()
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            total = total.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed, loss_value = step + 1, total
             record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay,
                       "tokens_per_s": sequences * settings.seq_len / (time.perf_counter() - began)}
-            if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
-                record["val_loss"] = evaluate(model, batches, settings)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if completed % settings.checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+            if rank == 0:
+                if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
+                    record["val_loss"] = evaluate(model, batches, settings)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if completed % settings.checkpoint_every == 0:
+                    save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
     except KeyboardInterrupt:
-        save_checkpoint(checkpoint_path, model, optimizer, completed, settings)  # a later run resumes there
+        if rank == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, completed, settings)  # a later run resumes there
         raise
     finally:
         bar.close()
-        log.close()
-    save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
-    return {"model": model, "tokenizer": tokenizer, "loss": loss_value,
+        if log:
+            log.close()
+    if rank == 0:
+        save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+    return {"model": model, "tokenizer": tokenizer, "loss": loss_value, "rank": rank,
             "val_loss": evaluate(model, batches, settings)}
 
 
