@@ -41,11 +41,14 @@ def test_two_stage_schedule():
     assert schedule.warmup == 375 and schedule.midpoint == 5000
     assert schedule.learning_rate(0) == pytest.approx(1.5e-3 / 375)
     assert schedule.learning_rate(374) == pytest.approx(1.5e-3)
-    assert schedule.learning_rate(4999) == pytest.approx(1.5e-3 * 5001 / 9625)  # linear towards 0 at the end
-    assert schedule.learning_rate(5000) == pytest.approx(1e-3)  # the second stage's lower peak
+    assert schedule.learning_rate(375) == pytest.approx(1.5e-3)
+    assert schedule.learning_rate(2687) == pytest.approx(1.5e-3 - 0.25e-3 * 2312 / 4625)  # towards 1.25e-3
+    assert schedule.learning_rate(5000) == pytest.approx(1e-3)  # the drop to the second stage's lower peak
     assert schedule.learning_rate(7500) == pytest.approx(0.5e-3) and schedule.learning_rate(9999) == pytest.approx(2e-7)
     assert schedule.decay(4999) == 0.1 and schedule.decay(5000) == 0.0
     assert TwoStageSchedule(100, (1e-3, 5e-4)).warmup == 10  # a short run warms up for a tenth of it
+    with pytest.raises(ValueError, match="lower"):
+        TwoStageSchedule(100, (1e-3, 2e-3))
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +165,20 @@ def test_two_processes_with_gloo_equal_one(tmp_path, precision):
         one, two = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("one", "two"))
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+
+
+def test_a_trained_vocabulary_and_the_loss_plot(tmp_path):
+    from trillm.train.data import train_tokenizer
+    from trillm.train.plot import plot_runs
+
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(CORPUS * 20))
+    tokenizer = train_tokenizer([str(data)], 400, tmp_path / "tokenizer")
+    assert tokenizer.vocab_size == 400 and tokenizer.eos_token == "<|endoftext|>"
+    text = "Café naïve 日本語 def add(a, b):"
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level: any text
+    assert train_tokenizer([], 0, tmp_path / "tokenizer").backend.to_str() == tokenizer.backend.to_str()  # kept
+    out = tmp_path / "run"
+    train(run_settings(tmp_path, out, 2, train_tokenizer=400), progress=False)
+    png = plot_runs({"run": out}, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -337,9 +337,19 @@ def command_train(args):
     from trillm.train.export import export_model
     from trillm.train.loop import TrainSettings, load_tokenizer, model_from_checkpoint, train
 
+    if args.plot:
+        from trillm.train.plot import plot_runs
+
+        runs = {Path(run).name: run for run in args.plot}
+        print(f"loss curves: {plot_runs(runs, Path(args.out) / 'loss.png', ' vs '.join(runs))}")
+        return
     if args.export:
+        from trillm.train.data import train_tokenizer
+
         model = model_from_checkpoint(args.out)
-        tokenizer = load_tokenizer(args.tokenizer)
+        trained = Path(args.out) / "tokenizer"
+        tokenizer = train_tokenizer([], 0, trained) if (trained / "tokenizer.json").is_file() else \
+            load_tokenizer(args.tokenizer)
         print(f"exported to {export_model(model, tokenizer, args.export, args.layout)} ({args.layout} layout)")
         return
     if not args.preset or not args.data:
@@ -348,12 +358,15 @@ def command_train(args):
                              batch_tokens=args.batch_tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              lr=tuple(args.lr) if args.lr else None, warmup=args.warmup, val_every=args.val_every,
                              checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
-                             tokenizer=args.tokenizer)
+                             tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer)
     result = train(settings)
     if result["rank"] != 0:  # under torchrun: rank 0 reports and exports
         return
     print(f"step {settings.steps}: loss {result['loss']:.4f}, validation loss {result['val_loss']:.4f} "
           f"(perplexity {math.exp(result['val_loss']):.1f})")
+    from trillm.train.plot import plot_runs
+
+    print(f"loss curves: {plot_runs({settings.precision: args.out}, Path(args.out) / 'loss.png')}")
     if settings.precision == "ternary":
         for layout in ("packed", "bf16"):
             folder = export_model(result["model"].eval(), result["tokenizer"], Path(args.out) / layout, layout)
@@ -455,8 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="full: the same architecture without quantization, the baseline")
     train_parser.add_argument("--tokenizer", default=None, metavar="MODEL",
                               help="the tokenizer of this model folder or GGUF (default: the default model's)")
+    train_parser.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE",
+                              help="learn a byte-level BPE vocabulary of this size from the data instead")
     train_parser.add_argument("--export", default=None, metavar="DIR", help="only export --out's checkpoint to DIR")
     train_parser.add_argument("--layout", default="packed", choices=["packed", "bf16"], help="with --export")
+    train_parser.add_argument("--plot", nargs="+", metavar="RUN", help="only plot these runs' loss curves into one "
+                                                                       "PNG, OUT/loss.png")
     train_parser.set_defaults(run=command_train)
 
     from trillm.synth import LAYOUTS, PRESETS

@@ -101,3 +101,37 @@ class TokenBatches:
         generator = torch.Generator().manual_seed(((self.seed * 2 + (split != "train")) * 1_000_003 + step) * 4099 + micro)
         starts = torch.randint(0, len(data) - self.seq_len, (batch_size,), generator=generator).tolist()
         return torch.from_numpy(np.stack([data[s:s + self.seq_len + 1].astype(np.int64) for s in starts]))
+
+
+# A trained vocabulary's one special token, between documents; and a plain "Role: text" chat template, as
+# BitNet 2B4T's, so that `trillm chat` runs the exported model.
+END_OF_TEXT = "<|endoftext|>"
+PLAIN_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+                       "\n{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def train_tokenizer(paths: list[str], vocab_size: int, folder: Path):
+    """A byte-level BPE vocabulary of vocab_size entries learned from the data by `tokenizers` (made once,
+    kept as folder/tokenizer.json)."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from trillm.tokenizer import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        backend = BackendTokenizer.from_file(str(path))
+    else:
+        if vocab_size < 300:
+            raise TrillmError(f"--train-tokenizer {vocab_size}: a byte-level vocabulary needs at least 300 entries")
+        backend = BackendTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        texts = (text for file in source_files(paths) for text in documents(file))
+        backend.train_from_iterator(texts, trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        backend.save(str(path))
+    return Tokenizer(backend, bos_token=None, eos_token=END_OF_TEXT, add_bos=False, add_eos=False,
+                     chat_template=PLAIN_CHAT_TEMPLATE)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trillm.errors import TrillmError
-from trillm.train.data import TokenBatches, tokenize_sources
+from trillm.train.data import TokenBatches, tokenize_sources, train_tokenizer
 from trillm.train.recipe import BETAS, PRESETS, WARMUP_STEPS, WEIGHT_DECAY, BitNetModel, ModelShape, \
     TwoStageSchedule, decay_groups, preset_shape
 
@@ -42,6 +42,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "ternary"  # or "full": the same architecture in full precision, the baseline
     tokenizer: str | None = None  # a model folder or GGUF whose tokenizer to use; None: the default model's
+    train_tokenizer: int | None = None  # or a byte-level BPE vocabulary of this size learned from the data
 
 
 def check_settings(s: TrainSettings):
@@ -52,6 +53,9 @@ def check_settings(s: TrainSettings):
     for name in ("steps", "batch_tokens", "seq_len", "micro_batch", "val_every", "val_batches", "checkpoint_every"):
         if getattr(s, name) < 1:
             raise TrillmError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.lr and not s.lr[0] > s.lr[1] > 0:
+        raise TrillmError(f"--lr {s.lr[0]:g} {s.lr[1]:g}: the second stage's peak must be positive and lower than "
+                          f"the first's")
     context = ModelShape.__dataclass_fields__["max_position_embeddings"].default
     if s.seq_len > context:
         raise TrillmError(f"--seq-len {s.seq_len} is beyond the model's context of {context} positions")
@@ -109,9 +113,12 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     check_settings(settings)
     rank, world = distributed()
     out = Path(settings.out)
-    tokenizer = load_tokenizer(settings.tokenizer)
-    if rank != 0:  # rank 0 tokenizes, the others then read its file
+    if rank != 0:  # rank 0 makes the vocabulary and the token file, the others then read them
         torch.distributed.barrier()
+    if settings.train_tokenizer:
+        tokenizer = train_tokenizer(settings.data, settings.train_tokenizer, out / "tokenizer")
+    else:
+        tokenizer = load_tokenizer(settings.tokenizer)
     tokens = tokenize_sources(settings.data, tokenizer, out / "data")
     if rank == 0 and world > 1:
         torch.distributed.barrier()

@@ -11,9 +11,9 @@ input of the BitLinears that follow it (q/k/v and gate/up), the sub norms at o_p
 In eval mode the forward is exactly what trillm and transformers compute from the exported checkpoint.
 
 Schedules (two stages, switched at the midpoint): the learning rate rises linearly over the warm-up to its
-first peak and decays linearly from there towards 0 at the last step; at the midpoint it restarts at the
-second peak and decays linearly to 0. Weight decay is 0.1 in the first stage and 0 in the second. AdamW
-with betas (0.9, 0.95).
+first peak and decays linearly to halfway between the two peaks at the midpoint; there it drops to the
+second, lower peak and decays linearly to 0 at the last step (seeds/002: "1.5e-3 to 8e-4, then 5e-4 to 0").
+Weight decay is 0.1 in the first stage and 0 in the second. AdamW with betas (0.9, 0.95).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -220,6 +220,8 @@ class TwoStageSchedule:
     midpoint: int = field(init=False)
 
     def __post_init__(self):
+        if not self.peaks[0] > self.peaks[1] > 0:
+            raise ValueError(f"the second stage's peak learning rate must be lower than the first's: {self.peaks}")
         self.warmup = min(self.warmup, max(self.steps // 10, 1))  # a short run keeps most of its steps
         self.midpoint = self.steps // 2
 
@@ -228,7 +230,8 @@ class TwoStageSchedule:
         if step < self.warmup:
             return first * (step + 1) / self.warmup
         if step < self.midpoint:
-            return first * (self.steps - step) / (self.steps - self.warmup)
+            progress = (step - self.warmup) / max(self.midpoint - self.warmup, 1)
+            return first + progress * ((first + second) / 2 - first)
         return second * (self.steps - step) / (self.steps - self.midpoint)
 
     def decay(self, step: int) -> float:
