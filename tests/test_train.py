@@ -182,3 +182,20 @@ def test_a_trained_vocabulary_and_the_loss_plot(tmp_path):
     train(run_settings(tmp_path, out, 2, train_tokenizer=400), progress=False)
     png = plot_runs({"run": out}, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_settings_from_a_config_file(tmp_path):
+    from trillm.cli import build_parser, train_settings
+    from trillm.errors import TrillmError
+
+    (tmp_path / "run.yaml").write_text("preset: tiny\ndata: [a.txt]\nsteps: 7\nlr: [0.002, 0.001]\nseq_len: 64\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--out", "o", "--steps", "9"])
+    settings = train_settings(args)
+    assert (settings.steps, settings.seq_len, settings.lr, settings.data) == (9, 64, (0.002, 0.001), ["a.txt"])
+    assert settings.batch_tokens == TrainSettings.batch_tokens  # the dataclass's default where neither says
+    for text, message in (('{"preset": "tiny", "data": "a", "stpes": 3}', "unknown settings stpes"),
+                          ('{"preset": "tiny", "data": "a", "steps": "many"}', "steps: 'many' is not"),
+                          ("[1, 2]", "a mapping"), ("{", "not readable")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(TrillmError, match=message):
+            train_settings(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.json"), "--out", "o"]))

@@ -333,6 +333,53 @@ def command_inspect(args):
         raise TrillmError(f"{report['path']}: {len(failed)} tensors failed verification (the first: {failed[0]})")
 
 
+def train_settings(args):
+    """TrainSettings from --config FILE (JSON, or YAML by its suffix) and the options given, which win."""
+    import dataclasses
+    import json
+
+    from trillm.train.loop import TrainSettings
+
+    fields = {field.name: field for field in dataclasses.fields(TrainSettings)}
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text)
+            else:
+                values = json.loads(text)
+        except OSError as error:
+            raise TrillmError(f"--config {path}: {error.strerror}") from None
+        except Exception as error:  # json's and yaml's errors: the file is not what it says
+            raise TrillmError(f"--config {path}: not readable as {path.suffix[1:] or 'JSON'} ({error})") from None
+        if not isinstance(values, dict):
+            raise TrillmError(f"--config {path}: a mapping of settings is needed")
+        unknown = sorted(set(values) - set(fields) - {"out"})
+        if unknown:
+            raise TrillmError(f"--config {path}: unknown settings {', '.join(unknown)} (known: {', '.join(fields)})")
+    given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    values = {**values, **given, "out": args.out}
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    for name, value in values.items():
+        kind = fields[name].type
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        wrong = (kind is int and not isinstance(value, int)) or (kind is float and not number) or (
+            name == "data" and not (isinstance(value, list) and all(isinstance(v, str) for v in value))) or (
+            name == "lr" and value is not None and not (len(value) == 2 and all(isinstance(v, (int, float)) for v in value)))
+        if wrong or isinstance(value, bool) and kind is not bool:
+            raise TrillmError(f"training setting {name}: {value!r} is not a {'pair of numbers' if name == 'lr' else kind}")
+    if "lr" in values and values["lr"] is not None:
+        values["lr"] = tuple(values["lr"])
+    if not values.get("preset") or not values.get("data"):
+        raise TrillmError("trillm train needs --preset and --data (in --config or as options), or --export DIR")
+    return TrainSettings(**values)
+
+
 def command_train(args):
     from trillm.train.export import export_model
     from trillm.train.loop import TrainSettings, load_tokenizer, model_from_checkpoint, train
@@ -352,13 +399,7 @@ def command_train(args):
             load_tokenizer(args.tokenizer)
         print(f"exported to {export_model(model, tokenizer, args.export, args.layout)} ({args.layout} layout)")
         return
-    if not args.preset or not args.data:
-        raise TrillmError("trillm train needs --preset and --data (or --export DIR to export a run's checkpoint)")
-    settings = TrainSettings(preset=args.preset, data=args.data, out=args.out, steps=args.steps,
-                             batch_tokens=args.batch_tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                             lr=tuple(args.lr) if args.lr else None, warmup=args.warmup, val_every=args.val_every,
-                             checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
-                             tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer)
+    settings = train_settings(args)
     result = train(settings)
     if result["rank"] != 0:  # under torchrun: rank 0 reports and exports
         return
@@ -454,20 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--preset", help=f"the model's shape and learning rates: {', '.join(TRAIN_PRESETS)}")
     train_parser.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders of them, or .jsonl")
     train_parser.add_argument("--out", required=True, help="the run's folder: checkpoint, log, exports")
-    train_parser.add_argument("--steps", type=int, default=200)
-    train_parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per optimizer step")
-    train_parser.add_argument("--seq-len", type=int, default=256)
-    train_parser.add_argument("--micro-batch", type=int, default=8, help="sequences a forward (accumulated)")
+    train_parser.add_argument("--steps", type=int, default=None)
+    train_parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step")
+    train_parser.add_argument("--seq-len", type=int, default=None)
+    train_parser.add_argument("--micro-batch", type=int, default=None, help="sequences a forward (accumulated)")
     train_parser.add_argument("--lr", type=float, nargs=2, metavar=("PEAK1", "PEAK2"),
                               help="the two stages' peak learning rates (default: the preset's)")
-    train_parser.add_argument("--warmup", type=int, default=375)
-    train_parser.add_argument("--val-every", type=int, default=50)
-    train_parser.add_argument("--checkpoint-every", type=int, default=100)
-    train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--precision", default="ternary", choices=["ternary", "full"],
+    train_parser.add_argument("--warmup", type=int, default=None)
+    train_parser.add_argument("--val-every", type=int, default=None)
+    train_parser.add_argument("--checkpoint-every", type=int, default=None)
+    train_parser.add_argument("--seed", type=int, default=None)
+    train_parser.add_argument("--precision", default=None, choices=["ternary", "full"],
                               help="full: the same architecture without quantization, the baseline")
     train_parser.add_argument("--tokenizer", default=None, metavar="MODEL",
                               help="the tokenizer of this model folder or GGUF (default: the default model's)")
+    train_parser.add_argument("--config", default=None, metavar="FILE",
+                              help="settings as JSON or YAML (the options' names with _: batch_tokens...); options "
+                                   "given on the command line win")
     train_parser.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE",
                               help="learn a byte-level BPE vocabulary of this size from the data instead")
     train_parser.add_argument("--export", default=None, metavar="DIR", help="only export --out's checkpoint to DIR")
