@@ -110,6 +110,12 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert log[0]["loss"] > log[-1]["loss"]
 
 
+def test_bf16_autocast_follows_the_float32_run(tmp_path):
+    exact = train(run_settings(tmp_path, tmp_path / "f32", 2, autocast="none"), progress=False)
+    rounded = train(run_settings(tmp_path, tmp_path / "bf16", 2, autocast="bf16"), progress=False)
+    assert rounded["loss"] != exact["loss"] and abs(rounded["loss"] - exact["loss"]) < 0.02
+
+
 def test_full_precision_baseline_has_no_quantizer(tmp_path):
     model = train(run_settings(tmp_path, tmp_path / "full", 2, precision="full"), progress=False)["model"]
     layer = model.layers[0].mlp.up_proj
@@ -154,7 +160,7 @@ def test_two_processes_with_gloo_equal_one(tmp_path, precision):
     data = tmp_path / "text.txt"
     data.write_text("\n\n".join(CORPUS * 20))
     common = ["--preset", "tiny", "--data", str(data), "--steps", "3", "--batch-tokens", "256", "--seq-len", "32",
-              "--micro-batch", "2", "--precision", precision]
+              "--micro-batch", "2", "--precision", precision, "--autocast", "none"]
     train_cli(*common, "--out", str(tmp_path / "one"))
     train_cli(*common, "--out", str(tmp_path / "two"), processes=2)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]

@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--config", default=None, metavar="FILE",
                               help="settings as JSON or YAML (the options' names with _: batch_tokens...); options "
                                    "given on the command line win")
+    train_parser.add_argument("--autocast", default=None, choices=["auto", "none", "bf16"],
+                              help="bf16: the forward's matmuls in bfloat16; auto (default): where the CPU has "
+                                   "AVX512-BF16 or AMX")
     train_parser.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE",
                               help="learn a byte-level BPE vocabulary of this size from the data instead")
     train_parser.add_argument("--export", default=None, metavar="DIR", help="only export --out's checkpoint to DIR")

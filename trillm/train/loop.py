@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trillm.errors import TrillmError
+from trillm.native.build import cpu_flags
 from trillm.train.data import TokenBatches, tokenize_sources, train_tokenizer
 from trillm.train.recipe import BETAS, PRESETS, WARMUP_STEPS, WEIGHT_DECAY, BitNetModel, ModelShape, \
     TwoStageSchedule, decay_groups, preset_shape
@@ -43,6 +44,8 @@ class TrainSettings:
     precision: str = "ternary"  # or "full": the same architecture in full precision, the baseline
     tokenizer: str | None = None  # a model folder or GGUF whose tokenizer to use; None: the default model's
     train_tokenizer: int | None = None  # or a byte-level BPE vocabulary of this size learned from the data
+    autocast: str = "auto"  # "bf16": the forward's matmuls in bfloat16 (torch.autocast); "auto": where the CPU
+    # multiplies bfloat16 natively (AVX512-BF16, AMX), 1.4x the steps a second there (tiny preset, Zen 4)
 
 
 def check_settings(s: TrainSettings):
@@ -53,6 +56,8 @@ def check_settings(s: TrainSettings):
     for name in ("steps", "batch_tokens", "seq_len", "micro_batch", "val_every", "val_batches", "checkpoint_every"):
         if getattr(s, name) < 1:
             raise TrillmError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.autocast not in ("auto", "none", "bf16"):
+        raise TrillmError(f"--autocast {s.autocast!r}: choose auto, none or bf16")
     if s.lr and not s.lr[0] > s.lr[1] > 0:
         raise TrillmError(f"--lr {s.lr[0]:g} {s.lr[1]:g}: the second stage's peak must be positive and lower than "
                           f"the first's")
@@ -94,12 +99,12 @@ def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSett
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size): a run started by torchrun joins its process group (gloo on CPUs, NCCL on GPUs)."""
+    """(rank, world size): a run started by torchrun joins its process group, gloo (the model trains on the CPU)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
@@ -143,6 +148,8 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     if micro_batches < world:
         raise TrillmError(f"{micro_batches} micro-batches a step cannot keep {world} processes busy: raise "
                           f"--batch-tokens or lower --micro-batch")
+    bf16 = settings.autocast == "bf16" or settings.autocast == "auto" and bool(
+        {"avx512_bf16", "amx_bf16"} & cpu_flags())
     stepper = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -165,7 +172,8 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
                 batch = batches.batch(step, micro, count)
                 # The gradients are summed over the processes' micro-batches once, at the last one (DDP
                 # averages: hence the factor world).
-                with stepper.no_sync() if world > 1 and index < len(mine) - 1 else contextlib.nullcontext():
+                with (stepper.no_sync() if world > 1 and index < len(mine) - 1 else contextlib.nullcontext(),
+                      torch.autocast("cpu", torch.bfloat16, enabled=bf16)):
                     logits = stepper(batch[:, :-1])
                     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) * count / sequences
                     (loss * world).backward()

@@ -101,6 +101,7 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight)
         values, scale = quantize_weight(self.weight)
         weight = self.weight + (values * scale - self.weight).detach()
+        x = x.float()  # the roundings in float32, also under bf16 autocast (which then rounds the products' inputs)
         x = x + (quantize_activations(x) - x).detach()
         return F.linear(x, weight)
 
