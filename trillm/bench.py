@@ -16,9 +16,6 @@ import time
 
 from trillm.errors import TrillmError
 
-ENGINES = ("trillm", "transformers", "llama.cpp", "bitnet.cpp")
-
-
 # ---- Worker side: one engine, one model, one run per request ----------------------------------------
 
 def random_prompt(vocab_size: int, length: int) -> list[int]:
@@ -147,26 +144,13 @@ class LlamaCppRunner:
 def gguf_file_bytes_per_token(path) -> int:
     """gguf_bytes_per_token for a GGUF file whose tensor types trillm may not know (bitnet.cpp's I2_S): each
     tensor's bytes are taken from where the next one starts."""
-    from trillm.checkpoint.gguf_file import HeaderReader
+    from trillm.checkpoint.gguf_file import data_start_of, read_entries
 
     with open(path, "rb") as file:
-        header = HeaderReader(file.read(64 * 2**20))  # the header: metadata (vocabulary included) and tensor list
-    header.offset = 8
-    tensor_count, kv_count = header.scalar("<Q"), header.scalar("<Q")
-    metadata = {}
-    for _ in range(kv_count):
-        key = header.string()
-        metadata[key] = header.value(header.scalar("<I"))
-    tensors = []
-    for _ in range(tensor_count):
-        name = header.string()
-        dims = [header.scalar("<Q") for _ in range(header.scalar("<I"))]
-        header.offset += 4  # the type
-        tensors.append((header.scalar("<Q"), name))
-    alignment = metadata.get("general.alignment", 32)
-    data_start = -(-header.offset // alignment) * alignment
-    tensors.sort()
-    ends = [offset for offset, _ in tensors[1:]] + [os.path.getsize(path) - data_start]
+        # The header only: metadata (vocabulary included) and the tensor list.
+        metadata, entries, header_end = read_entries(path, file.read(64 * 2**20))
+    tensors = sorted((offset, name) for name, _, _, offset in entries)
+    ends = [offset for offset, _ in tensors[1:]] + [os.path.getsize(path) - data_start_of(metadata, header_end)]
     names = {name for _, name in tensors}
     return sum(end - offset for (offset, name), end in zip(tensors, ends)
                if not (name == "token_embd.weight" and "output.weight" in names))

@@ -334,7 +334,8 @@ def verify_tensor(checkpoint, t: Tensor, bitnet_master: bool) -> dict | None:
     """What the stored weights hold, for the packed formats (and a BitNet bf16 master's projections, as the
     packed form would hold them); None for what there is nothing to verify in."""
     from trillm.weights.ggml import BLOCK_LAYOUTS, GGMLTensor, dequantize_ggml
-    from trillm.weights.ternary import TERNARY_BLOCK_DECODERS, ternarize_absmean
+    from trillm.weights.mxfp4 import GGUF_BLOCK_BYTES
+    from trillm.weights.ternary import TERNARY_BLOCK_BYTES, TERNARY_BLOCK_DECODERS, ternarize_absmean
 
     if t.format.startswith("U8 ternary"):
         packed = checkpoint.get(t.name)
@@ -345,11 +346,10 @@ def verify_tensor(checkpoint, t: Tensor, bitnet_master: bool) -> dict | None:
     stored = checkpoint.get(t.name) if isinstance(checkpoint, GGUFCheckpoint) else None
     if isinstance(stored, GGMLTensor):
         if stored.type.name == "MXFP4":
-            blocks = stored.data.reshape(-1, 17)
+            blocks = stored.data.reshape(-1, GGUF_BLOCK_BYTES)
             return mxfp4_report(blocks[:, 0], blocks[:, 1:])
         if stored.type in TERNARY_BLOCK_DECODERS:
-            codes, _ = TERNARY_BLOCK_DECODERS[stored.type](stored.data.reshape(-1, stored.data.shape[-1] // (
-                math.prod(stored.shape[1:]) // 256)))
+            codes, _ = TERNARY_BLOCK_DECODERS[stored.type](stored.data.reshape(-1, TERNARY_BLOCK_BYTES[stored.type]))
             counts = torch.bincount(codes.reshape(-1).long(), minlength=4).tolist()
             return ternary_report(counts[:3] + [sum(counts[3:])])
         if stored.type in BLOCK_LAYOUTS:

@@ -73,8 +73,9 @@ class HeaderReader:
         return items
 
 
-def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
-    """(metadata, tensor infos name -> (type, dims, offset), start of the tensor data)."""
+def read_entries(path: Path, buffer) -> tuple[dict, list[tuple[str, list[int], int, int]], int]:
+    """(metadata, the tensor list as stored: (name, dims, type number, offset), where the header ends), with
+    nothing checked beyond the magic and the version (bench.py reads files of types no gguf package knows)."""
     header = HeaderReader(buffer)
     if header.scalar("<I") != 0x46554747:  # b"GGUF" read little-endian
         raise CheckpointError(f"{path}: not a GGUF file")
@@ -86,16 +87,30 @@ def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
     for _ in range(kv_count):
         key = header.string()
         metadata[key] = header.value(header.scalar("<I"))
+    entries = []
+    for _ in range(tensor_count):
+        name = header.string()
+        dims = [header.scalar("<Q") for _ in range(header.scalar("<I"))]
+        entries.append((name, dims, header.scalar("<I"), header.scalar("<Q")))
+    return metadata, entries, header.offset
+
+
+def data_start_of(metadata: dict, header_end: int) -> int:
+    """Where the tensor data starts: the header's end rounded up to general.alignment."""
+    alignment = metadata.get("general.alignment", 32)
+    return -(-header_end // alignment) * alignment
+
+
+def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
+    """(metadata, tensor infos name -> (type, dims, offset), start of the tensor data), every entry checked."""
+    metadata, entries, header_end = read_entries(path, buffer)
     alignment = Fields(metadata, path).integer("general.alignment", 32)
     if alignment & (alignment - 1):
         raise CheckpointError(f"{path}: general.alignment must be a power of two, got {alignment}")
     infos, spans = {}, []
-    for _ in range(tensor_count):
-        name = header.string()
+    for name, dims, type_number, offset in entries:
         if name in infos:
             raise CheckpointError(f"{path}: tensor {name!r} is listed twice")
-        dims = [header.scalar("<Q") for _ in range(header.scalar("<I"))]
-        type_number, offset = header.scalar("<I"), header.scalar("<Q")
         if type_number not in GGML_TYPE_NUMBERS:
             raise CheckpointError(f"{path}: tensor {name!r} has GGML type number {type_number}, which no GGUF "
                                   f"reader knows")
@@ -113,8 +128,7 @@ def read_header(path: Path, buffer) -> tuple[dict, dict, int]:
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
-    data_start = -(-header.offset // alignment) * alignment
-    return metadata, infos, data_start
+    return metadata, infos, data_start_of(metadata, header_end)
 
 
 class GGUFCheckpoint:
