@@ -219,6 +219,7 @@ static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_m
 static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static ALWAYS_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 static ALWAYS_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+static ALWAYS_INLINE vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm512_srli_epi32(a, n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm512_slli_epi32(a, n); }
@@ -296,6 +297,7 @@ static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_m
 static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static ALWAYS_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 static ALWAYS_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+static ALWAYS_INLINE vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return _mm256_srli_epi32(a, n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return _mm256_slli_epi32(a, n); }
@@ -359,6 +361,7 @@ static ALWAYS_INLINE vi vi_u8(const uint8_t *p) { return *p; }
 static ALWAYS_INLINE vi vi_i8(const uint8_t *p) { return (int8_t)*p; }
 static ALWAYS_INLINE vi vi_and(vi a, vi b) { return a & b; }
 static ALWAYS_INLINE vi vi_or(vi a, vi b) { return a | b; }
+static ALWAYS_INLINE vi vi_add(vi a, vi b) { return a + b; }
 static ALWAYS_INLINE vi vi_sub(vi a, vi b) { return a - b; }
 static ALWAYS_INLINE vi vi_shr(vi a, unsigned n) { return (vi)((uint32_t)a >> n); }
 static ALWAYS_INLINE vi vi_shl(vi a, unsigned n) { return (vi)((uint32_t)a << n); }

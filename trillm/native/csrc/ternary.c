@@ -21,10 +21,15 @@
  * taken out at the end. So a tile costs 4 ands for any number of tokens and 4 vpdpbusd a token; there
  * are no horizontal sums, and the 16 lanes of a result are 16 consecutive output rows. Up to 6 tokens
  * share a pass over the weights (24 accumulators in registers).
- * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16, its int16 pairs added over 32 column
- * groups before one _mm256_madd_epi16 widens them, 3 tokens a pass (forced on Zen 4, BitNet 2B4T prefill:
- * 50-58 tok/s with madd each time and 2 tokens, 71-74 so); plain C row by row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512 library has
- * the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
+ * AVX2 does the same 8 lanes at a time with _mm256_maddubs_epi16 (codes shifted down, as maddubs would
+ * overflow int16 on the masked ones), its int16 pairs added over 32 column groups before one
+ * _mm256_madd_epi16 widens them. With 16 registers it takes one code at a time for up to 5 tokens, both
+ * halves of a tile (64 bytes) a step, rather than all four codes for 3 tokens, one half (32 bytes) a
+ * step: that spilled 10 of its 12 sums to the stack and read each cache line twice. Forced on one Zen 4
+ * core, 6912 x 2560 at 128 tokens: 87-98 -> 117-125 G MACs/s; at 8 tokens 70 -> 105-122. One token keeps
+ * all four codes of a half at once (fewer instructions a byte; decoding waits on memory anyway). Plain C
+ * row by row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512
+ * library has the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
  *
  * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
  * one token 25-40 GB/s of weights, as fast as the plain read; 8 tokens or more ~400 G int8 MACs/s,
@@ -41,14 +46,11 @@
 /* The kernel this library holds, by the instruction set it is compiled for. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define TERNARY_AVX512 1
-#define quantize_token quantize_token_avx512
 #define blocks_kernel avx512_blocks
 #elif defined(__AVX2__)
 #define TERNARY_AVX2 1
-#define quantize_token quantize_token_plain
 #define blocks_kernel avx2_blocks
 #else
-#define quantize_token quantize_token_plain
 #define blocks_kernel plain_blocks
 #endif
 
@@ -103,45 +105,32 @@ static ALWAYS_INLINE int32_t four_activations(const struct ternary_job *job, int
  * |q| <= 127: |x| <= max|x| and the scale is 127 / max|x| within 2 ulp, short of 127.5.) */
 static float activation_scale(float absmax) { return (1.0f / (absmax > 1e-5f ? absmax : 1e-5f)) * 127.0f; }
 
-#if !TERNARY_AVX512
-static void quantize_token_plain(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
-    float absmax = 0.0f;
-    for (int64_t c = 0; c < cols; c++)
+/* In vectors of VLEN (kernels.h), the last cols % VLEN one by one, with the same float32 operations. */
+static void quantize_token(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
+    const int64_t whole = cols / VLEN * VLEN;
+    vf magnitude = vf_zero();
+    for (int64_t c = 0; c < whole; c += VLEN)
+        magnitude = vf_max(vf_abs(vf_load(x + c)), magnitude);
+    float absmax = vf_max_all(magnitude);
+    for (int64_t c = whole; c < cols; c++)
         absmax = fabsf(x[c]) > absmax ? fabsf(x[c]) : absmax;
-    float s = activation_scale(absmax);
-    int32_t total = 0;
-    for (int64_t c = 0; c < cols; c++) {
+    const float s = activation_scale(absmax);
+    const vf vs = vf_set(s), low = vf_set(-128.0f), high = vf_set(127.0f);
+    vi total = vi_set(0);
+    for (int64_t c = 0; c < whole; c += VLEN) {
+        vi codes = vi_from_vf(vf_min(vf_max(vf_round(vf_mul(vf_load(x + c), vs)), low), high));
+        total = vi_add(total, codes);
+        vi_store_i8(q + c, codes);
+    }
+    int32_t rest = 0;
+    for (int64_t c = whole; c < cols; c++) {
         float v = rintf(x[c] * s); /* the default rounding mode: to nearest, ties to even */
         q[c] = (int8_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
-        total += q[c];
+        rest += q[c];
     }
     *scale = s;
-    *sum = total;
+    *sum = vi_sum(total) + rest;
 }
-#endif
-
-#if TERNARY_AVX512
-static void quantize_token_avx512(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
-    __m512 absmax = _mm512_setzero_ps();
-    for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 valid = cols - c >= 16 ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
-        absmax = _mm512_max_ps(absmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, x + c)));
-    }
-    float s = activation_scale(_mm512_reduce_max_ps(absmax));
-    __m512 vs = _mm512_set1_ps(s), low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f);
-    __m512i total = _mm512_setzero_si512();
-    for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 valid = cols - c >= 16 ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
-        __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + c), vs),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, low), high));
-        total = _mm512_add_epi32(total, i);
-        _mm_mask_storeu_epi8(q + c, valid, _mm512_cvtepi32_epi8(i));
-    }
-    *scale = s;
-    *sum = _mm512_reduce_add_epi32(total);
-}
-#endif
 
 struct quantize_call {
     const float *x;
@@ -199,56 +188,113 @@ static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t 
 /* Groups of columns whose products add up in int16 before they widen to int32: a pair of products is at
  * most 2 * 2 * 128 = 512, and AVX2 has no instruction that widens them on the way (VNNI's vpdpbusd). */
 #define INT16_GROUPS 32
-#define AVX2_PASS_TOKENS 3 /* tokens a pass over a half tile */
 
-/* Half h of block b (packed rows 16b + 8h ..) for tokens t0..t0+nt-1. */
-static ALWAYS_INLINE void avx2_half(const struct ternary_job *job, int64_t b, int h, int64_t t0, const int nt) {
+/* AVX2 has 16 vector registers: see the top of this file for how the kernels below fit in them. */
+#define AVX2_PASS_TOKENS 5
+
+/* acc + the int16 sums of pairs of products of unsigned u8 and signed s8. Inline assembly because gcc 12
+ * otherwise adds into a copy and moves it back, an instruction more for each product. */
+static ALWAYS_INLINE __m256i add_maddubs(__m256i acc, __m256i u8, __m256i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __m256i products;
+    __asm__("vpmaddubsw %3, %2, %1\n\tvpaddw %1, %0, %0" : "+x"(acc), "=&x"(products) : "x"(u8), "x"(s8));
+    return acc;
+#else
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u8, s8));
+#endif
+}
+
+/* y for token t at the 8 output rows 16b + 8h + l + iR (fewer in a last, partial block) from their sums of
+ * codes times activations, as store_output computes them. */
+static ALWAYS_INLINE void avx2_store(const struct ternary_job *job, int64_t b, int h, int i, int64_t t, __m256i code_sum) {
+    const int64_t first = TILE_ROWS * b + 8 * h, live = job->R - first, row = first + i * job->R;
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(live > 8 ? 8 : (int)live), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 w_scale = job->per_row_scale ? _mm256_maskload_ps(job->w_scale + row, valid) : _mm256_set1_ps(job->w_scale[0]);
+    const __m256 sum = _mm256_cvtepi32_ps(_mm256_sub_epi32(code_sum, _mm256_set1_epi32(job->x_sum[t])));
+    _mm256_maskstore_ps(job->y + t * job->rows + row, valid,
+                        _mm256_div_ps(sum, _mm256_mul_ps(_mm256_set1_ps(job->act_scale[t]), w_scale)));
+}
+
+/* Half h of block b (packed rows 16b + 8h ..) for token t, all four codes at once. */
+static ALWAYS_INLINE void avx2_half_one_token(const struct ternary_job *job, int64_t b, int h, int64_t t) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[4][AVX2_PASS_TOKENS], partial[4][AVX2_PASS_TOKENS];
+    __m256i acc[4], partial[4];
     for (int i = 0; i < 4; i++)
-        for (int t = 0; t < nt; t++)
-            acc[i][t] = _mm256_setzero_si256();
+        acc[i] = _mm256_setzero_si256();
     for (int64_t g0 = 0; g0 < job->groups; g0 += INT16_GROUPS) {
         const int64_t g1 = g0 + INT16_GROUPS < job->groups ? g0 + INT16_GROUPS : job->groups;
         for (int i = 0; i < 4; i++)
-            for (int t = 0; t < nt; t++)
-                partial[i][t] = _mm256_setzero_si256();
+            partial[i] = _mm256_setzero_si256();
         for (int64_t g = g0; g < g1; g++) {
             _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES)), x[AVX2_PASS_TOKENS];
-            for (int t = 0; t < nt; t++)
-                x[t] = _mm256_set1_epi32(four_activations(job, t0 + t, g));
-            for (int i = 0; i < 4; i++) {
-                __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three);
-                for (int t = 0; t < nt; t++)
-                    partial[i][t] = _mm256_add_epi16(partial[i][t], _mm256_maddubs_epi16(codes, x[t]));
-            }
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES));
+            const __m256i x = _mm256_set1_epi32(four_activations(job, t, g));
+            for (int i = 0; i < 4; i++)
+                partial[i] = add_maddubs(partial[i], _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three), x);
         }
         for (int i = 0; i < 4; i++)
+            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(partial[i], ones));
+    }
+    for (int i = 0; i < 4; i++)
+        avx2_store(job, b, h, i, t, acc[i]);
+}
+
+/* Block b (both halves) for tokens t0..t0+nt-1, nt <= AVX2_PASS_TOKENS, one code at a time over a run of
+ * INT16_GROUPS tiles (2 KB, in L1). */
+static ALWAYS_INLINE void avx2_block_many(const struct ternary_job *job, int64_t b, int64_t t0, const int nt) {
+    const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES;
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc[2][4][AVX2_PASS_TOKENS];
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++)
             for (int t = 0; t < nt; t++)
-                acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(partial[i][t], ones));
+                acc[h][i][t] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < job->groups; g0 += INT16_GROUPS) {
+        const int64_t g1 = g0 + INT16_GROUPS < job->groups ? g0 + INT16_GROUPS : job->groups;
+        for (int i = 0; i < 4; i++) {
+            __m256i partial[2][AVX2_PASS_TOKENS];
+            for (int h = 0; h < 2; h++)
+                for (int t = 0; t < nt; t++)
+                    partial[h][t] = _mm256_setzero_si256();
+            for (int64_t g = g0; g < g1; g++) {
+                if (i == 0)
+                    _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
+                __m256i codes[2];
+                for (int h = 0; h < 2; h++)
+                    codes[h] = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES + 32 * h)), 2 * i), three);
+                for (int t = 0; t < nt; t++) {
+                    __m256i x = _mm256_set1_epi32(four_activations(job, t0 + t, g));
+                    for (int h = 0; h < 2; h++)
+                        partial[h][t] = add_maddubs(partial[h][t], codes[h], x);
+                }
+            }
+            for (int h = 0; h < 2; h++)
+                for (int t = 0; t < nt; t++)
+                    acc[h][i][t] = _mm256_add_epi32(acc[h][i][t], _mm256_madd_epi16(partial[h][t], ones));
+        }
     }
     for (int t = 0; t < nt; t++)
-        for (int i = 0; i < 4; i++) {
-            int32_t sums[8];
-            _mm256_storeu_si256((__m256i *)sums, acc[i][t]);
-            for (int l = 0; l < 8 && TILE_ROWS * b + 8 * h + l < job->R; l++)
-                store_output(job, t0 + t, TILE_ROWS * b + 8 * h + l + i * job->R, sums[l]);
-        }
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++)
+                avx2_store(job, b, h, i, t0 + t, acc[h][i][t]);
 }
 
 static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     prefetch_start(job, b0, b1);
     for (int64_t b = b0; b < b1; b++)
-        for (int h = 0; h < 2; h++) {
-            int64_t t = 0;
-            for (; t + 3 <= job->tokens; t += 3)
-                avx2_half(job, b, h, t, 3);
-            if (job->tokens - t == 2)
-                avx2_half(job, b, h, t, 2);
-            else if (job->tokens - t == 1)
-                avx2_half(job, b, h, t, 1);
+        for (int64_t t = 0; t < job->tokens;) {
+            /* passes of at most AVX2_PASS_TOKENS tokens, as even as possible */
+            int64_t left = job->tokens - t, passes = (left + AVX2_PASS_TOKENS - 1) / AVX2_PASS_TOKENS;
+            int nt = (int)((left + passes - 1) / passes);
+            switch (nt) { /* the token count a constant, so the sums live in registers */
+            case 1: avx2_half_one_token(job, b, 0, t); avx2_half_one_token(job, b, 1, t); break;
+            case 2: avx2_block_many(job, b, t, 2); break;
+            case 3: avx2_block_many(job, b, t, 3); break;
+            case 4: avx2_block_many(job, b, t, 4); break;
+            default: avx2_block_many(job, b, t, 5); break;
+            }
+            t += nt;
         }
 }
 
