@@ -10,13 +10,8 @@ per matrix, activations quantized to int8 per token (absmax), "W1.58A8". What di
   `load_bitnet` for the head's format).
 
 Numerics follow transformers' BitNetForCausalLM (models/bitnet/modeling_bitnet.py) and its BitLinear
-layers (integrations/bitnet.py). config.json's quantization_config says how the projections are stored:
-- packed, "quantization_mode": "offline" (the release, microsoft/bitnet-b1.58-2B-4T): uint8
-  [out/4, in], four 2-bit codes a byte, and a bf16 `weight_scale` [1] beside each weight. With
-  "linear_class": "autobitlinear" (the release's) transformers multiplies the output by weight_scale;
-  with "bitlinear" it divides by it.
-- dense, "autobitlinear" + "online" (the bf16 master weights, microsoft/bitnet-b1.58-2B-4T-bf16): bf16
-  [out, in], which transformers ternarizes by absmean on every forward; here once, at load.
+layers (integrations/bitnet.py). config.json's quantization_config says how the projections are stored,
+packed or as bf16 master weights (see models/loading.py: TernaryStorage).
 Either way the weights factory receives `TernaryTensor`s and multiplies straight from the 2-bit codes.
 GGUF files of llama.cpp's "bitnet" architecture (TQ2_0 or TQ1_0 blocks) are repacked into the same
 layout at load: see `load_bitnet_gguf`.
@@ -31,19 +26,20 @@ from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
 from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, self_attention, swiglu
 from trillm.models.loading import (
+    CODES_PER_BYTE,
     DECODER_LAYER_NAMES,
+    TernaryStorage,
     decoder_layer_shapes,
     load_ends,
     load_layers,
     read_norm,
+    read_ternary,
     rope_frequencies,
+    ternary_storage,
 )
 from trillm.native import ops
 from trillm.weights import GGMLTensor, TernaryTensor, make_linear
-from trillm.weights.ternary import check_ternary_codes, ternarize_absmean, ternary_from_gguf
-
-# Ternary codes per stored byte of a packed projection (rows r, r + R, r + 2R, r + 3R share byte row r).
-CODES_PER_BYTE = 4
+from trillm.weights.ternary import ternary_from_gguf
 
 # The output head's format unless the caller picks one: Q6_K reads 59% fewer bytes than bf16 per decoded
 # token (Q8_0: 47%); see load_bitnet for the measured cost in logits.
@@ -60,24 +56,18 @@ class BitNetConfig(DecoderConfig):
     def from_hf(cls, config: dict, source="config.json") -> "BitNetConfig":
         """From config.json; a missing key takes transformers' BitNetConfig default (the 2B4T's shape)."""
         fields = Fields(config, source)
-        quantization = fields.table("quantization_config")
-        if quantization.get("quant_method", None) != "bitnet":
+        storage = ternary_storage(fields, source)
+        if storage is None:
             raise CheckpointError(f"{source}: a BitNetForCausalLM config needs a quantization_config with "
                                   f"quant_method 'bitnet' (it says how the ternary projections are stored)")
-        linear_class = quantization.text("linear_class", "bitlinear", choices=("bitlinear", "autobitlinear"))
-        mode = quantization.text("quantization_mode", "offline", choices=("offline", "online"))
-        if quantization.flag("use_rms_norm", False):
-            raise CheckpointError(f"{source}: BitNet with use_rms_norm (a norm inside every BitLinear) is not "
-                                  f"supported")
         hidden_act = fields.text("hidden_act", "relu2", choices=tuple(GLU_ACTIVATIONS))
         if fields.flag("attention_bias", False):
             raise CheckpointError(f"{source}: BitNet with attention biases is not supported")
         defaults = dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
                         num_attention_heads=20, num_key_value_heads=5, rms_norm_eps=1e-5, rope_theta=500000.0,
                         max_position_embeddings=2048)  # transformers' BitNetConfig's
-        config = cls(**DecoderConfig.hf_fields(fields, defaults), packed=not (linear_class == "autobitlinear"
-                                                                                 and mode == "online"),
-                     scale_divides=linear_class == "bitlinear", hidden_act=hidden_act)
+        config = cls(**DecoderConfig.hf_fields(fields, defaults), packed=storage.packed,
+                     scale_divides=storage.scale_divides, hidden_act=hidden_act)
         config.check(source)
         return config
 
@@ -183,7 +173,7 @@ def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
       close (a quarter of its steps); trained models have wider margins.
     """
     config = BitNetConfig.from_hf(checkpoint.config, checkpoint.path / "config.json")
-    return load_blocks(checkpoint, config, head, lambda name, shape: load_projection(checkpoint, name, shape, config))
+    return load_blocks(checkpoint, config, head, lambda name, shape: read_ternary(checkpoint, name, shape, TernaryStorage(config.packed, config.scale_divides)))
 
 
 def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_projection) -> Transformer:
@@ -197,33 +187,6 @@ def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_project
     blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,
                          lambda tensors, layer: bitnet_block(config, tensors), copied=tuple(LAYER_NAMES))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
-
-
-def load_projection(checkpoint, name: str, shape: tuple[int, int], config: BitNetConfig) -> TernaryTensor:
-    """One BitLinear weight as ternary codes and the scale that `y = (int8(x) @ W^T) / (act_scale * scale)`
-    needs, from either layout of a folder."""
-    if not config.packed:
-        return ternarize_absmean(checkpoint.get(name, shape))  # as transformers' online AutoBitLinear does
-    out_features, in_features = shape
-    packed = checkpoint.get(name, (out_features // CODES_PER_BYTE, in_features))
-    file = checkpoint.file_of(name)
-    if packed.dtype != torch.uint8:
-        raise CheckpointError(f"{file}: tensor {name!r} is {packed.dtype}, expected uint8 packed ternary codes "
-                              f"(config.json's quantization_config says the projections are packed)")
-    try:
-        check_ternary_codes(packed, name)
-    except CheckpointError as error:
-        raise CheckpointError(f"{file}: {error}") from None
-    scale_name = f"{name}_scale"
-    if scale_name not in checkpoint.names():
-        raise CheckpointError(f"{file}: tensor {scale_name!r} is missing: each packed BitNet projection needs "
-                              f"its weight_scale beside it")
-    weight_scale = checkpoint.get(scale_name, (1,)).float()
-    if not torch.isfinite(weight_scale).all() or weight_scale.item() == 0:
-        raise CheckpointError(f"{file}: {scale_name!r} is {weight_scale.item()}: a weight scale must be finite "
-                              f"and nonzero")
-    # autobitlinear multiplies the output by weight_scale, bitlinear divides it: fold both into a divisor.
-    return TernaryTensor(packed, weight_scale if config.scale_divides else 1 / weight_scale, shape)
 
 
 # ---- Loading a GGUF file of llama.cpp's "bitnet" architecture --------------------------------------------

@@ -4,8 +4,12 @@ A pre-norm decoder (models/layers.py: Block, Transformer): x + attention(norm(x)
 with grouped-query attention over rotary positions and a SwiGLU MLP. Numerics follow transformers'
 LlamaForCausalLM (models/llama/modeling_llama.py) in float32. Reads Hugging Face folders
 (`LlamaForCausalLM`) and GGUF files (`general.architecture = llama`); linear layers come from the weights
-factory, which multiplies straight from the stored format (dense, or GGML blocks).
+factory, which multiplies straight from the stored format (dense, or GGML blocks, or ternary codes where
+config.json's quantization_config says the projections were trained to 1.58 bits: BitLinears as BitNet's,
+see models/loading.py: TernaryStorage; the head stays as stored).
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,17 +19,23 @@ from trillm.errors import CheckpointError
 from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, self_attention, swiglu
 from trillm.models.loading import (
     DECODER_LAYER_NAMES,
+    TernaryStorage,
     decoder_layer_shapes,
     load_ends,
     load_layers,
+    read_ternary,
     read_tensor,
     rope_frequencies,
+    ternary_storage,
 )
 from trillm.weights import make_linear
 
 
+@dataclass
 class LlamaConfig(DecoderConfig):
     """LLaMA's hyperparameters, from config.json or from GGUF metadata, checked."""
+
+    ternary: TernaryStorage | None = None  # the projections' storage where they are BitLinears
 
     @classmethod
     def from_hf(cls, config: dict, source="config.json") -> "LlamaConfig":
@@ -37,7 +47,7 @@ class LlamaConfig(DecoderConfig):
                 raise CheckpointError(f"{source}: LLaMA variants with attention/MLP biases are not supported")
         # transformers' LlamaConfig defaults for what a config.json may leave out.
         defaults = dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096)
-        config = cls(**DecoderConfig.hf_fields(fields, defaults))
+        config = cls(**DecoderConfig.hf_fields(fields, defaults), ternary=ternary_storage(fields, source))
         config.check(source)
         return config
 
@@ -107,6 +117,8 @@ def load_llama(checkpoint, head: str | None = None, activations: str = "float32"
         config = LlamaConfig.from_hf(checkpoint.config, checkpoint.path / "config.json")
 
     def read(key: str, name: str, shape: tuple):
+        if config.ternary is not None and len(shape) == 2:
+            return read_ternary(checkpoint, name, shape, config.ternary)
         tensor = read_tensor(checkpoint, name, shape)
         if gguf and key in ("q", "k"):
             return unpermute_rope_rows(tensor, config.num_heads if key == "q" else config.num_kv_heads)
@@ -115,7 +127,7 @@ def load_llama(checkpoint, head: str | None = None, activations: str = "float32"
     embedding, output_head, norm = load_ends(checkpoint, config, head, int8)
     blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
                          lambda tensors, layer: llama_block(config, tensors, int8),
-                         copied=("q", "k", "v", "gate", "up"))
+                         copied=("q", "k", "v", "o", "gate", "up", "down") if config.ternary else ("q", "k", "v", "gate", "up"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

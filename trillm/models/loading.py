@@ -6,17 +6,20 @@ a layer's tensors and its own block (models/llama.py, models/bitnet.py).
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from trillm.checkpoint.pages import trim_heap
+from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
 from trillm.models.layers import DecoderConfig, RMSNorm, rope_inverse_frequencies
-from trillm.weights import GGMLTensor, make_embedding
+from trillm.weights import GGMLTensor, TernaryTensor, make_embedding
 from trillm.weights.ggml import check_layout
 from trillm.weights.head import make_output_head
+from trillm.weights.ternary import check_ternary_codes, ternarize_absmean
 
 # A layer's tensors are named "model.layers.{i}." (Hugging Face) or "blk.{i}." (GGUF).
 LAYER_INDEX = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.")
@@ -145,3 +148,68 @@ def rope_frequencies(checkpoint, config: DecoderConfig) -> torch.Tensor:
     if checkpoint.kind == "gguf" and "rope_freqs.weight" in checkpoint.names():
         inv_freq = inv_freq / checkpoint.get("rope_freqs.weight", (config.head_dim // 2,)).float()
     return inv_freq
+
+
+# ---- Ternary projections: how config.json's quantization_config (quant_method "bitnet") stores them -------
+#
+# BitNetForCausalLM always has one; a LlamaForCausalLM has one when its projections were trained to 1.58
+# bits (Hugging Face's "Fine-tuning LLMs to 1.58bit", `trillm train --init-from`). As transformers reads it
+# (integrations/bitnet.py):
+# - packed, "quantization_mode": "offline" (the release, microsoft/bitnet-b1.58-2B-4T): uint8 [out/4, in],
+#   four 2-bit codes a byte, and a bf16 `weight_scale` [1] beside each weight. With "linear_class":
+#   "autobitlinear" (the release's) transformers multiplies the output by weight_scale; with "bitlinear"
+#   it divides by it.
+# - dense, "autobitlinear" + "online" (the bf16 master weights, microsoft/bitnet-b1.58-2B-4T-bf16): bf16
+#   [out, in], which transformers ternarizes by absmean on every forward; here once, at load.
+
+# Ternary codes per stored byte of a packed projection (rows r, r + R, r + 2R, r + 3R share byte row r).
+CODES_PER_BYTE = 4
+
+
+@dataclass(frozen=True)
+class TernaryStorage:
+    packed: bool  # uint8 codes + weight_scale ("offline"); False: dense master weights ("online")
+    scale_divides: bool  # linear_class "bitlinear": y / weight_scale; "autobitlinear": y * weight_scale
+
+
+def ternary_storage(config: Fields, source) -> TernaryStorage | None:
+    """The storage config.json's quantization_config names, or None where it has no bitnet one."""
+    quantization = config.table("quantization_config")
+    if quantization.get("quant_method", None) != "bitnet":
+        return None
+    linear_class = quantization.text("linear_class", "bitlinear", choices=("bitlinear", "autobitlinear"))
+    mode = quantization.text("quantization_mode", "offline", choices=("offline", "online"))
+    if quantization.flag("use_rms_norm", False):
+        raise CheckpointError(f"{source}: BitNet with use_rms_norm (a norm inside every BitLinear) is not supported")
+    return TernaryStorage(packed=not (linear_class == "autobitlinear" and mode == "online"),
+                          scale_divides=linear_class == "bitlinear")
+
+
+def read_ternary(checkpoint, name: str, shape: tuple[int, int], storage: TernaryStorage) -> TernaryTensor:
+    """One BitLinear weight as ternary codes and the scale that `y = (int8(x) @ W^T) / (act_scale * scale)`
+    needs, from either storage, every code and the scale checked."""
+    if not storage.packed:
+        return ternarize_absmean(checkpoint.get(name, shape))  # as transformers' online AutoBitLinear does
+    out_features, in_features = shape
+    if out_features % CODES_PER_BYTE:
+        raise CheckpointError(f"{checkpoint.path}: packed ternary projections need output sizes that are "
+                              f"multiples of {CODES_PER_BYTE}; {name!r} has {out_features}")
+    packed = checkpoint.get(name, (out_features // CODES_PER_BYTE, in_features))
+    file = checkpoint.file_of(name)
+    if packed.dtype != torch.uint8:
+        raise CheckpointError(f"{file}: tensor {name!r} is {packed.dtype}, expected uint8 packed ternary codes "
+                              f"(config.json's quantization_config says the projections are packed)")
+    try:
+        check_ternary_codes(packed, name)
+    except CheckpointError as error:
+        raise CheckpointError(f"{file}: {error}") from None
+    scale_name = f"{name}_scale"
+    if scale_name not in checkpoint.names():
+        raise CheckpointError(f"{file}: tensor {scale_name!r} is missing: each packed BitNet projection needs "
+                              f"its weight_scale beside it")
+    weight_scale = checkpoint.get(scale_name, (1,)).float()
+    if not torch.isfinite(weight_scale).all() or weight_scale.item() == 0:
+        raise CheckpointError(f"{file}: {scale_name!r} is {weight_scale.item()}: a weight scale must be finite "
+                              f"and nonzero")
+    # autobitlinear multiplies the output by weight_scale, bitlinear divides it: fold both into a divisor.
+    return TernaryTensor(packed, weight_scale if storage.scale_divides else 1 / weight_scale, shape)

@@ -3,12 +3,15 @@ Ma et al., 2025, "BitNet b1.58 2B4T Technical Report").
 
 The model is BitNet 2B4T's architecture (trillm/models/bitnet.py: LLaMA 3's decoder with squared-ReLU GLU,
 attn_sub_norm before o_proj and ffn_sub_norm before down_proj, tied embedding), with full-precision master
-weights. Every projection is a BitLinear: on the way in, its input is quantized to int8 per token (absmax)
+weights; or, started from a LLaMA checkpoint (train/init_from.py), LLaMA's own (SwiGLU, no sub norms, the
+head as the checkpoint has it, in full precision), as Hugging Face's "Fine-tuning LLMs to 1.58bit" does. Every projection is a BitLinear: on the way in, its input is quantized to int8 per token (absmax)
 and its weight to {-1, 0, +1} times the matrix's mean |w| (absmean); the products are taken of the
 quantized values; the backward pass goes straight through both roundings (STE: the gradient of the rounded
 value is taken as that of the value). The RMSNorm that LLaMA puts before attention and FFN sits at the
 input of the BitLinears that follow it (q/k/v and gate/up), the sub norms at o_proj's and down_proj's.
 In eval mode the forward is exactly what trillm and transformers compute from the exported checkpoint.
+Started from a full-precision model, the projections blend into BitLinears over a warm-up: the quantizers'
+steps are taken times lambda, which rises linearly from 0 (the model as it was) to 1 (ternary).
 
 Schedules (two stages, switched at the midpoint): the learning rate rises linearly over the warm-up to its
 first peak and decays linearly to halfway between the two peaks at the midpoint; there it drops to the
@@ -21,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trillm.models.layers import rope_inverse_frequencies
 
 # Shapes (LLaMA sizes of the FAQ, and the 2B4T) with the paper's learning-rate peaks; the small ones train
 # on two cores. vocab_size comes from the tokenizer.
@@ -58,6 +63,9 @@ class ModelShape:
     rope_theta: float = 500000.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    architecture: str = "bitnet"  # or "llama": SwiGLU without sub norms (a model started from LLaMA)
+    tie_word_embeddings: bool = True
+    rope_scaling: dict | None = None  # as models/layers.py's rope_inverse_frequencies takes it
 
     @property
     def head_dim(self) -> int:
@@ -90,19 +98,22 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 class BitLinear(nn.Linear):
     """nn.Linear whose forward multiplies the quantized input and weight; gradients pass straight through
-    both quantizers to the full-precision values. `ternary=False` is the full-precision baseline."""
+    both quantizers to the full-precision values. `ternary=False` is the full-precision baseline. `blend`
+    (set by the training loop) is lambda, the share of the quantizers' steps taken: 1 but in a warm-up
+    from a full-precision model."""
 
     def __init__(self, in_features: int, out_features: int, ternary: bool = True):
         super().__init__(in_features, out_features, bias=False)
         self.ternary = ternary
+        self.blend = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ternary:
             return F.linear(x, self.weight)
         values, scale = quantize_weight(self.weight)
-        weight = self.weight + (values * scale - self.weight).detach()
+        weight = self.weight + self.blend * (values * scale - self.weight).detach()
         x = x.float()  # the roundings in float32, also under bf16 autocast (which then rounds the products' inputs)
-        x = x + (quantize_activations(x) - x).detach()
+        x = x + self.blend * (quantize_activations(x) - x).detach()
         return F.linear(x, weight)
 
 
@@ -133,7 +144,8 @@ class Attention(nn.Module):
         self.q_proj = BitLinear(s.hidden_size, self.heads * self.head_dim, ternary)
         self.k_proj = BitLinear(s.hidden_size, self.kv_heads * self.head_dim, ternary)
         self.v_proj = BitLinear(s.hidden_size, self.kv_heads * self.head_dim, ternary)
-        self.attn_sub_norm = RMSNorm(self.heads * self.head_dim, s.rms_norm_eps)
+        self.attn_sub_norm = RMSNorm(self.heads * self.head_dim, s.rms_norm_eps) if s.architecture == "bitnet" \
+            else nn.Identity()
         self.o_proj = BitLinear(self.heads * self.head_dim, s.hidden_size, ternary)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,15 +160,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """BitNet's: down(subln(relu(gate(x))^2 * up(x))); LLaMA's: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, s: ModelShape, ternary: bool):
         super().__init__()
         self.gate_proj = BitLinear(s.hidden_size, s.intermediate_size, ternary)
         self.up_proj = BitLinear(s.hidden_size, s.intermediate_size, ternary)
-        self.ffn_sub_norm = RMSNorm(s.intermediate_size, s.rms_norm_eps)
+        self.bitnet = s.architecture == "bitnet"
+        self.ffn_sub_norm = RMSNorm(s.intermediate_size, s.rms_norm_eps) if self.bitnet else nn.Identity()
         self.down_proj = BitLinear(s.intermediate_size, s.hidden_size, ternary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
+        gate = F.relu(self.gate_proj(x)).square() if self.bitnet else F.silu(self.gate_proj(x))
+        return self.down_proj(self.ffn_sub_norm(gate * self.up_proj(x)))
 
 
 class Layer(nn.Module):
@@ -173,7 +189,8 @@ class Layer(nn.Module):
 
 
 class BitNetModel(nn.Module):
-    """BitNetForCausalLM's layout (parameter names as its checkpoints'), tied embedding."""
+    """BitNetForCausalLM's layout (parameter names as its checkpoints' without "model."), or LlamaForCausalLM's
+    (architecture "llama"); the head is the embedding when tied, else lm_head (never ternary)."""
 
     def __init__(self, shape: ModelShape, ternary: bool = True):
         super().__init__()
@@ -181,7 +198,9 @@ class BitNetModel(nn.Module):
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(Layer(shape, ternary) for _ in range(shape.num_hidden_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim)
+        if not shape.tie_word_embeddings:
+            self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        inv_freq = rope_inverse_frequencies(shape.head_dim, shape.rope_theta, shape.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
@@ -198,7 +217,13 @@ class BitNetModel(nn.Module):
         x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return F.linear(self.norm(x), self.embed_tokens.weight)
+        head = self.embed_tokens.weight if self.shape.tie_word_embeddings else self.lm_head.weight
+        return F.linear(self.norm(x), head)
+
+    def set_blend(self, blend: float):
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                module.blend = blend
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
