@@ -1,5 +1,6 @@
 """BitNet b1.58 training: the STE's gradients by hand, the schedules' values, exports that trillm and
-transformers load with the training model's logits, exact resume, and bad input."""
+transformers load with the training model's logits, a start from LLaMA checkpoints (a folder, the shipped
+GGUF), exact resume, and bad input."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import torch.nn.functional as F
 
 import trillm
 from test_bitnet import assert_sequences_match, load_reference
+from test_llama import save_random_llama
 from tokenizer_fixtures import CORPUS
-from trillm.train.export import export_model
+from trillm.train.export import export_model, write_tokenizer
+from trillm.train.init_from import llama_start
 from trillm.train.loop import TrainSettings, train
 from trillm.train.recipe import BitLinear, BitNetModel, TwoStageSchedule, preset_shape, quantize_weight
 
@@ -95,8 +98,9 @@ def run_settings(tmp_path, out, steps, **overrides) -> TrainSettings:
     data = tmp_path / "text.txt"
     if not data.exists():
         data.write_text("\n\n".join(CORPUS * 20))
-    return TrainSettings(preset="tiny", data=[str(data)], out=str(out), steps=steps, batch_tokens=128, seq_len=32,
-                         micro_batch=2, val_every=2, val_batches=1, checkpoint_every=100, **overrides)
+    settings = dict(preset="tiny", data=[str(data)], out=str(out), steps=steps, batch_tokens=128, seq_len=32,
+                    micro_batch=2, val_every=2, val_batches=1, checkpoint_every=100)
+    return TrainSettings(**{**settings, **overrides})
 
 
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
@@ -125,19 +129,98 @@ def test_full_precision_baseline_has_no_quantizer(tmp_path):
     assert values.unique().tolist() == [-1.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("case", ["empty data", "missing data", "unknown preset", "seq-len beyond the context"])
+# ---- Starting from LLaMA ----------------------------------------------------------------------------------
+
+def random_llama(folder, tokenizer):
+    """A small random LlamaForCausalLM folder with the default model's tokenizer, and transformers' model."""
+    reference = save_random_llama(folder, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                               intermediate_size=96, tie_word_embeddings=False,
+                                               vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                               eos_token_id=tokenizer.eos_id))
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(30)  # spread logits (std > 1), so that a wrong layer shows
+    reference.save_pretrained(folder)
+    write_tokenizer(tokenizer, folder)
+    return reference
+
+
+def test_a_start_from_llama_blends_into_an_export_that_transformers_loads(tmp_path, tokenizer):
+    reference = random_llama(tmp_path / "llama", tokenizer)
+    shape, weights, _ = llama_start(str(tmp_path / "llama"))
+    model = BitNetModel(shape)
+    model.load_state_dict(weights)
+    model.eval().set_blend(0.0)
+    ids = torch.randint(0, tokenizer.vocab_size, (6, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, rtol=0, atol=1e-5)  # lambda 0: the model as it was
+        model.set_blend(1.0)
+        ternarized = model(ids)
+    assert (ternarized - reference(ids).logits).abs().max() > 1e-3  # lambda 1: BitLinears
+
+    settings = run_settings(tmp_path, tmp_path / "run", 4, preset=None, init_from=str(tmp_path / "llama"), blend=2)
+    result = train(settings, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[0]["val_loss_ternarized"] > log[0]["val_loss_full_precision"] > 0
+    assert [record["blend"] for record in log[1:]] == [0.5, 1.0, 1.0, 1.0]
+    model = result["model"].eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # exactly what the bf16 files will hold
+            parameter.copy_(parameter.bfloat16().float())
+        expected = model(ids)
+    for layout in ("packed", "bf16"):
+        folder = export_model(model, result["tokenizer"], tmp_path / layout, layout)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"] and config["quantization_config"]["quant_method"] == "bitnet"
+        transformers_model = load_reference(folder)
+        assert type(transformers_model.model.layers[0].mlp.down_proj).__name__ == "AutoBitLinear"
+        with torch.no_grad():
+            theirs = transformers_model(ids).logits
+        # packed: the weight_scale rounded to bf16, a relative 2^-9 of each projection's output
+        assert (theirs - expected).abs().max() < (0.05 if layout == "packed" else 1e-4) * expected.std()
+        assert_sequences_match(trillm.load(folder, head="bf16").forward(ids), theirs, min_fraction=0.6)
+    assert trillm.load(tmp_path / "packed").tokenizer.encode("Hello world") == tokenizer.encode("Hello world")
+
+
+def test_a_start_from_the_shipped_gguf_reads_its_weights(tokenizer):
+    """The default model (GGUF, Q4_1 blocks, q/k rows in llama.cpp's order): at lambda 0 the training model
+    computes what trillm's exact path computes from the file."""
+    shape, weights, start_tokenizer = llama_start(None)
+    assert shape.architecture == "llama" and shape.vocab_size == tokenizer.vocab_size
+    model = BitNetModel(shape)
+    model.load_state_dict(weights)
+    model.eval().set_blend(0.0)
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        ours = model(ids)
+    torch.testing.assert_close(trillm.load(None).forward(ids), ours, rtol=1e-4, atol=2e-4 * ours.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["empty data", "missing data", "unknown preset", "seq-len beyond the context",
+                                  "init-from a BitNet", "init-from with a tokenizer", "no preset"])
 def test_bad_input_is_one_line(tmp_path, case):
     text = tmp_path / "text.txt"
     text.write_text("" if case == "empty data" else "some words " * 50)
     args = ["--preset", "tiny", "--data", str(text), "--out", str(tmp_path / "out"), "--steps", "1"]
     fragment = {"empty data": "no text", "missing data": "no such file", "unknown preset": "unknown preset 'huge'",
-                "seq-len beyond the context": "beyond the model's context"}[case]
+                "seq-len beyond the context": "beyond the model's context",
+                "init-from a BitNet": "is not LLaMA-shaped", "init-from with a tokenizer": "keeps the model's own",
+                "no preset": "needs --preset (or --init-from)"}[case]
     if case == "missing data":
         args[3] = str(tmp_path / "none.txt")
     elif case == "unknown preset":
         args[1] = "huge"
     elif case == "seq-len beyond the context":
         args += ["--seq-len", "100000"]
+    elif case.startswith("init-from"):
+        from trillm.synth import write_preset
+
+        bitnet = write_preset("bitnet-tiny", tmp_path / "bitnet")
+        args[:2] = ["--init-from", str(bitnet)]
+        if case == "init-from with a tokenizer":
+            args[1] = str(tmp_path / "llama")
+            args += ["--tokenizer", str(bitnet)]
+    elif case == "no preset":
+        args = args[2:]
     result = subprocess.run([sys.executable, "-m", "trillm.cli", "train", *args], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0 and fragment in result.stderr, result.stderr

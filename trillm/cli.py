@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 
 from trillm.errors import TrillmError
@@ -367,6 +368,8 @@ def train_settings(args):
         values["data"] = [values["data"]]
     for name, value in values.items():
         kind = fields[name].type
+        if type(None) in typing.get_args(kind):  # an optional setting: checked as its type when given
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         wrong = (kind is int and not isinstance(value, int)) or (kind is float and not number) or (
             name == "data" and not (isinstance(value, list) and all(isinstance(v, str) for v in value))) or (
@@ -375,14 +378,15 @@ def train_settings(args):
             raise TrillmError(f"training setting {name}: {value!r} is not a {'pair of numbers' if name == 'lr' else kind}")
     if "lr" in values and values["lr"] is not None:
         values["lr"] = tuple(values["lr"])
-    if not values.get("preset") or not values.get("data"):
-        raise TrillmError("trillm train needs --preset and --data (in --config or as options), or --export DIR")
+    if not (values.get("preset") or values.get("init_from")) or not values.get("data"):
+        raise TrillmError("trillm train needs --preset (or --init-from) and --data (in --config or as options), or "
+                          "--export DIR")
     return TrainSettings(**values)
 
 
 def command_train(args):
     from trillm.train.export import export_model
-    from trillm.train.loop import TrainSettings, load_tokenizer, model_from_checkpoint, train
+    from trillm.train.loop import model_from_checkpoint, run_tokenizer, train
 
     if args.plot:
         from trillm.train.plot import plot_runs
@@ -391,12 +395,8 @@ def command_train(args):
         print(f"loss curves: {plot_runs(runs, Path(args.out) / 'loss.png', ' vs '.join(runs))}")
         return
     if args.export:
-        from trillm.train.data import train_tokenizer
-
-        model = model_from_checkpoint(args.out)
-        trained = Path(args.out) / "tokenizer"
-        tokenizer = train_tokenizer([], 0, trained) if (trained / "tokenizer.json").is_file() else \
-            load_tokenizer(args.tokenizer)
+        model, settings = model_from_checkpoint(args.out)
+        tokenizer = run_tokenizer(args.out, settings)
         print(f"exported to {export_model(model, tokenizer, args.export, args.layout)} ({args.layout} layout)")
         return
     settings = train_settings(args)
@@ -494,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train a BitNet b1.58 model (or the same one in full precision)")
     train_parser.add_argument("--preset", help=f"the model's shape and learning rates: {', '.join(TRAIN_PRESETS)}")
     train_parser.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders of them, or .jsonl")
+    train_parser.add_argument("--init-from", default=None, metavar="MODEL",
+                              help="start from this LLaMA checkpoint (folder or GGUF) instead of a preset: its "
+                                   "projections become BitLinears, its tokenizer is kept")
+    train_parser.add_argument("--blend", type=int, default=None, metavar="STEPS",
+                              help="with --init-from: the steps over which the quantizers blend in, from full "
+                                   "precision to ternary (default: --warmup's)")
     train_parser.add_argument("--out", required=True, help="the run's folder: checkpoint, log, exports")
     train_parser.add_argument("--steps", type=int, default=None)
     train_parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step")

@@ -1,7 +1,9 @@
 """A trained BitNet written in the release layouts: microsoft/bitnet-b1.58-2B-4T's packed one (uint8, four
 2-bit codes w + 1 a byte, and a bf16 weight_scale beside each projection) and microsoft/bitnet-b1.58-2B-4T-
 bf16's master one (bf16 weights, ternarized by whoever loads them), with config.json as theirs and the
-tokenizer's files, so that trillm, transformers and (converted) llama.cpp and bitnet.cpp load it."""
+tokenizer's files, so that trillm, transformers and (converted) llama.cpp and bitnet.cpp load it. A model
+started from LLaMA is written as a LlamaForCausalLM with the same quantization_config (transformers swaps
+its projections for BitLinears; the head, in modules_to_not_convert, stays bf16)."""
 
 import json
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trillm.synth.bitnet import bitnet_config
+from trillm.synth.bitnet import MASTER_QUANTIZATION_CONFIG, bitnet_config
 from trillm.train.recipe import BitLinear, BitNetModel, quantize_weight
 from trillm.weights.ternary import pack_ternary
 
@@ -18,11 +20,27 @@ EXPORT_LAYOUTS = ("packed", "bf16")
 
 def config_json(model: BitNetModel, layout: str) -> dict:
     s = model.shape
+    if s.architecture == "llama":
+        return llama_config_json(model, layout)
     return bitnet_config("bitnet-b1.58-2b-4t", layout, vocab_size=s.vocab_size, hidden_size=s.hidden_size,
                          intermediate_size=s.intermediate_size, num_hidden_layers=s.num_hidden_layers,
                          num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
                          max_position_embeddings=s.max_position_embeddings, rms_norm_eps=s.rms_norm_eps,
                          rope_theta=s.rope_theta, bos_token_id=s.bos_token_id, eos_token_id=s.eos_token_id)
+
+
+def llama_config_json(model: BitNetModel, layout: str) -> dict:
+    s = model.shape
+    config = bitnet_config("bitnet-b1.58-2b-4t", layout)["quantization_config"]
+    quantization = {**(MASTER_QUANTIZATION_CONFIG if layout == "bf16" else config), "modules_to_not_convert": ["lm_head"]}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
+            "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,
+            "num_key_value_heads": s.num_key_value_heads, "head_dim": s.head_dim,
+            "max_position_embeddings": s.max_position_embeddings, "rms_norm_eps": s.rms_norm_eps,
+            "rope_theta": s.rope_theta, "rope_scaling": s.rope_scaling, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": s.tie_word_embeddings, "bos_token_id": s.bos_token_id,
+            "eos_token_id": s.eos_token_id, "torch_dtype": "bfloat16", "quantization_config": quantization}
 
 
 def checkpoint_tensors(model: BitNetModel, layout: str) -> dict[str, torch.Tensor]:
@@ -31,7 +49,7 @@ def checkpoint_tensors(model: BitNetModel, layout: str) -> dict[str, torch.Tenso
     projections = {name for name, module in model.named_modules() if isinstance(module, BitLinear)}
     for name, parameter in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
-        key = f"model.{name}"
+        key = name if module == "lm_head" else f"model.{name}"
         if module in projections and layout == "packed":
             values, scale = quantize_weight(parameter.float())
             tensors[key] = pack_ternary(values.to(torch.int8))

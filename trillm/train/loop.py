@@ -25,9 +25,11 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class TrainSettings:
-    preset: str
     data: list[str]
     out: str
+    preset: str | None = None  # the model's shape (PRESETS), or --init-from
+    init_from: str | None = None  # or a LLaMA checkpoint to start from (train/init_from.py), in place of a preset
+    blend: int | None = None  # steps over which the quantizers blend in; None: --warmup's with --init-from, else 0
     steps: int = 200
     batch_tokens: int = 16384  # per optimizer step
     seq_len: int = 256
@@ -48,9 +50,20 @@ class TrainSettings:
     # multiplies bfloat16 natively (AVX512-BF16, AMX), 1.4x the steps a second there (tiny preset, Zen 4)
 
 
+# Peak learning rates of a model started from a LLaMA checkpoint: the 700M preset's two thirds, not tuned (one run
+# on SmolLM2-135M: see the README).
+INIT_FROM_LR = (1e-3, 5e-4)
+
+
 def check_settings(s: TrainSettings):
-    if s.preset not in PRESETS:
+    if (s.preset is None) == (s.init_from is None):
+        raise TrillmError("trillm train needs either --preset or --init-from")
+    if s.preset is not None and s.preset not in PRESETS:
         raise TrillmError(f"unknown preset {s.preset!r} (choose from {', '.join(PRESETS)})")
+    if s.init_from is not None and (s.tokenizer or s.train_tokenizer):
+        raise TrillmError("--init-from keeps the model's own tokenizer: drop --tokenizer / --train-tokenizer")
+    if s.blend is not None and s.blend < 0:
+        raise TrillmError("--blend must be 0 or more steps")
     if s.precision not in ("ternary", "full"):
         raise TrillmError(f"--precision {s.precision!r}: choose ternary or full")
     for name in ("steps", "batch_tokens", "seq_len", "micro_batch", "val_every", "val_batches", "checkpoint_every"):
@@ -61,13 +74,17 @@ def check_settings(s: TrainSettings):
     if s.lr and not s.lr[0] > s.lr[1] > 0:
         raise TrillmError(f"--lr {s.lr[0]:g} {s.lr[1]:g}: the second stage's peak must be positive and lower than "
                           f"the first's")
-    context = ModelShape.__dataclass_fields__["max_position_embeddings"].default
-    if s.seq_len > context:
-        raise TrillmError(f"--seq-len {s.seq_len} is beyond the model's context of {context} positions")
+    if s.preset is not None:
+        check_context(s, ModelShape.__dataclass_fields__["max_position_embeddings"].default)
     if s.batch_tokens < s.seq_len:
         raise TrillmError(f"--batch-tokens {s.batch_tokens} is less than one sequence (--seq-len {s.seq_len})")
     if not 0 < s.val_fraction < 0.5:
         raise TrillmError("--val-fraction must be between 0 and 0.5")
+
+
+def check_context(s: TrainSettings, context: int):
+    if s.seq_len > context:
+        raise TrillmError(f"--seq-len {s.seq_len} is beyond the model's context of {context} positions")
 
 
 def load_tokenizer(source: str | None):
@@ -118,22 +135,32 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     check_settings(settings)
     rank, world = distributed()
     out = Path(settings.out)
+    start_weights = None
+    if settings.init_from:
+        from trillm.train.init_from import llama_start
+
+        shape, start_weights, tokenizer = llama_start(settings.init_from)
+        check_context(settings, shape.max_position_embeddings)
     if rank != 0:  # rank 0 makes the vocabulary and the token file, the others then read them
         torch.distributed.barrier()
     if settings.train_tokenizer:
         tokenizer = train_tokenizer(settings.data, settings.train_tokenizer, out / "tokenizer")
-    else:
+    elif not settings.init_from:
         tokenizer = load_tokenizer(settings.tokenizer)
     tokens = tokenize_sources(settings.data, tokenizer, out / "data")
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     batches = TokenBatches(tokens, settings.seq_len, settings.val_fraction, settings.seed)
-    shape = preset_shape(settings.preset, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
+    if not settings.init_from:
+        shape = preset_shape(settings.preset, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                             eos_token_id=tokenizer.eos_id)
     torch.manual_seed(settings.seed)
     model = BitNetModel(shape, ternary=settings.precision == "ternary")
-    schedule = TwoStageSchedule(settings.steps, settings.lr or PRESETS[settings.preset]["lr"], settings.warmup,
-                                settings.weight_decay)
+    if start_weights is not None:
+        model.load_state_dict(start_weights)
+    peaks = settings.lr or (INIT_FROM_LR if settings.init_from else PRESETS[settings.preset]["lr"])
+    schedule = TwoStageSchedule(settings.steps, peaks, settings.warmup, settings.weight_decay)
+    blend_steps = settings.blend if settings.blend is not None else schedule.warmup if settings.init_from else 0
     optimizer = torch.optim.AdamW(decay_groups(model, schedule.decay(0)), lr=schedule.learning_rate(0), betas=BETAS)
     start = 0
     checkpoint_path = out / CHECKPOINT
@@ -158,10 +185,23 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     completed, loss_value = start, float("nan")  # steps whose update the model holds
+    if start_weights is not None and start == 0 and rank == 0 and model.ternary:
+        # The starting point: the model as it was (lambda 0) and ternarized without training (lambda 1).
+        record = {"step": 0}
+        for key, blend in (("val_loss_full_precision", 0.0), ("val_loss_ternarized", 1.0)):
+            model.set_blend(blend)
+            record[key] = evaluate(model, batches, settings)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if progress:
+            tqdm.write(f"validation loss before training: {record['val_loss_full_precision']:.4f} as it was, "
+                       f"{record['val_loss_ternarized']:.4f} ternarized")
     try:
         model.train()
         for step in range(start, min(settings.steps, stop_after or settings.steps)):
             began = time.perf_counter()
+            blend = min(1.0, (step + 1) / blend_steps) if blend_steps else 1.0
+            model.set_blend(blend)
             lr, decay = schedule.learning_rate(step), schedule.decay(step)
             optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
             optimizer.param_groups[0]["weight_decay"] = decay
@@ -185,7 +225,7 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed, loss_value = step + 1, total
-            record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay,
+            record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay, "blend": blend,
                       "tokens_per_s": sequences * settings.seq_len / (time.perf_counter() - began)}
             if rank == 0:
                 if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
@@ -206,15 +246,27 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             log.close()
     if rank == 0:
         save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+    model.set_blend(1.0)  # the model as exported, also where the run ended inside the blend
     return {"model": model, "tokenizer": tokenizer, "loss": loss_value, "rank": rank,
             "val_loss": evaluate(model, batches, settings)}
 
 
-def model_from_checkpoint(out: str | Path) -> BitNetModel:
+def run_tokenizer(out: str | Path, settings: dict):
+    """The tokenizer a run trained with (`settings` as its checkpoint holds them)."""
+    from trillm.train.data import train_tokenizer
+
+    trained = Path(out) / "tokenizer"
+    if (trained / "tokenizer.json").is_file():
+        return train_tokenizer([], 0, trained)
+    return load_tokenizer(settings.get("init_from") or settings.get("tokenizer"))
+
+
+def model_from_checkpoint(out: str | Path) -> tuple[BitNetModel, dict]:
+    """The run's model (in eval mode) and its settings."""
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise TrillmError(f"{out}: no training checkpoint ({CHECKPOINT}) to export")
     state = torch.load(path, weights_only=True)
     model = BitNetModel(ModelShape(**state["shape"]), ternary=state["settings"]["precision"] == "ternary")
     model.load_state_dict(state["model"])
-    return model.eval()
+    return model.eval(), state["settings"]

@@ -23,10 +23,16 @@ def plot_runs(runs: dict[str, str | Path], png: str | Path, title: str = "") -> 
 
     figure, (losses, rates) = pyplot.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     for label, run in runs.items():
-        records = read_log(run)
+        log = read_log(run)
+        records = [r for r in log if "loss" in r]  # the steps (a run from a LLaMA checkpoint logs its start too)
         steps = [r["step"] for r in records]
         line, = losses.plot(steps, [r["loss"] for r in records], linewidth=0.8, alpha=0.6, label=f"{label} train")
         validation = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        start = [r for r in log if "val_loss_ternarized" in r]
+        if start:  # where it started: the model as it was, and ternarized without training
+            validation.insert(0, (0, start[0]["val_loss_ternarized"]))
+            losses.plot([0], [start[0]["val_loss_full_precision"]], marker="*", markersize=9, linestyle="none",
+                        color=line.get_color(), label=f"{label}: the model as it was")
         if validation:
             losses.plot(*zip(*validation), marker="o", markersize=3, color=line.get_color(), label=f"{label} validation")
         rates.plot(steps, [r["lr"] for r in records], color=line.get_color(), label=label)
