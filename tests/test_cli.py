@@ -60,6 +60,17 @@ def test_bench_json_reports_speeds():
     assert report["sequential"] is False  # 98 MB: the engines take turns run by run
 
 
+def test_bench_train_reports_training_speeds():
+    report = json.loads(trillm("bench", "--train", "tiny", "-r", "1", "-t", "2", "--seq-len", "16", "--micro-batch",
+                               "1", "--no-autocast", "--json"))
+    engines = report["engines"]
+    assert list(engines) == ["trillm BitNet (ternary)", "trillm full precision", "transformers LLaMA"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in engines.values())
+    # the same sizes: BitNet has two sub norms a layer more than LLaMA (4 layers of 256 + 704 channels)
+    assert engines["trillm BitNet (ternary)"]["parameters"] - engines["transformers LLaMA"]["parameters"] == 4 * (256 + 704)
+    assert report["quantization_overhead"] > 0 and report["bf16_autocast"] is False
+
+
 def test_bench_runs_engines_one_after_another_when_they_would_not_fit(monkeypatch, capsys):
     from trillm import bench
     from trillm.cli import build_parser

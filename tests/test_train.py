@@ -235,17 +235,17 @@ def train_cli(*args, processes: int = 1):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("precision", ["full", "ternary"])
-def test_two_processes_with_gloo_equal_one(tmp_path, precision):
-    """torchrun, 2 processes on gloo, against 1 process with the same global batch: the same parameters
-    (full precision: to float rounding) and the same losses (ternary: a float difference upstream flips an
-    int8 rounding now and then, so the losses agree to 1e-4)."""
+@pytest.mark.parametrize("precision,shard", [("full", False), ("ternary", False), ("full", True)])
+def test_two_processes_with_gloo_equal_one(tmp_path, precision, shard):
+    """torchrun, 2 processes on gloo (DDP, or FSDP2 with --shard), against 1 process with the same global
+    batch: the same parameters (full precision: to float rounding) and the same losses (ternary: a float
+    difference upstream flips an int8 rounding now and then, so the losses agree to 1e-4)."""
     data = tmp_path / "text.txt"
     data.write_text("\n\n".join(CORPUS * 20))
     common = ["--preset", "tiny", "--data", str(data), "--steps", "3", "--batch-tokens", "256", "--seq-len", "32",
               "--micro-batch", "2", "--precision", precision, "--autocast", "none"]
     train_cli(*common, "--out", str(tmp_path / "one"))
-    train_cli(*common, "--out", str(tmp_path / "two"), processes=2)
+    train_cli(*common, "--out", str(tmp_path / "two"), *(["--shard"] if shard else []), processes=2)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert len(losses[1]) == 3  # rank 0 alone logs

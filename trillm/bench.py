@@ -381,6 +381,127 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- Training: `trillm bench --train PRESET` ---------------------------------------------------------------
+#
+# One optimizer step (forward, backward, AdamW) a run on a batch of random tokens of the default vocabulary,
+# in three workers: trillm's BitNet (BitLinears: the quantizers' cost is the point), the same architecture in
+# full precision (the quantization overhead is the ratio of the two), and transformers' LlamaForCausalLM of
+# the same sizes, plain PyTorch training that nobody here wrote.
+
+TRAIN_ENGINES = ("trillm BitNet (ternary)", "trillm full precision", "transformers LLaMA")
+
+
+class TrainStepRunner:
+    def __init__(self, engine: str, preset: str, seq_len: int, micro_batch: int, autocast: bool):
+        import torch
+
+        import trillm
+        from trillm.train.recipe import BitNetModel, preset_shape
+
+        vocab_size = trillm.load(None).tokenizer.vocab_size
+        shape = preset_shape(preset, vocab_size)
+        torch.manual_seed(0)
+        if engine == "transformers LLaMA":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden_size,
+                                 intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                                 num_attention_heads=shape.num_attention_heads,
+                                 num_key_value_heads=shape.num_key_value_heads, tie_word_embeddings=True,
+                                 max_position_embeddings=shape.max_position_embeddings, rope_theta=shape.rope_theta)
+            model = LlamaForCausalLM(config)
+            self.logits = lambda ids: model(ids).logits
+        else:
+            model = BitNetModel(shape, ternary=engine == TRAIN_ENGINES[0])
+            self.logits = model
+        self.torch, self.model, self.autocast = torch, model.train(), autocast
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        self.batch = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+        self.parameters = sum(p.numel() for p in model.parameters())
+
+    def run(self) -> float:
+        torch = self.torch
+        start = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
+            logits = self.logits(self.batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.batch[:, 1:].flatten())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def train_worker_main(engine: str, preset: str, seq_len: int, micro_batch: int, autocast: bool):
+    import torch
+
+    torch.set_num_threads(int(os.environ["TRILLM_BENCH_THREADS"]))
+    try:
+        runner = TrainStepRunner(engine, preset, seq_len, micro_batch, autocast)
+        print(json.dumps({"ready": True, "parameters": runner.parameters}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            print(json.dumps({"step_s": runner.run()}), flush=True)
+    except Exception as error:  # reported by the parent as one line
+        print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
+        return
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+
+
+class TrainWorker(Worker):
+    def __init__(self, engine: str, args, threads: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+        command = [sys.executable, "-m", "trillm.bench", "train", engine, args.train, str(args.seq_len),
+                   str(args.micro_batch), "1" if args.autocast else "0"]
+        self.engine = engine
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        self.parameters = self.receive()["parameters"]
+        self.runs = []
+
+
+def run_train_bench(args):
+    """Training steps a second of the three TRAIN_ENGINES, taking turns, medians of the repetitions."""
+    from trillm.native.build import cpu_flags
+    from trillm.train.recipe import PRESETS
+
+    if args.train not in PRESETS:
+        raise TrillmError(f"unknown preset {args.train!r} (choose from {', '.join(PRESETS)})")
+    for name in ("seq_len", "micro_batch", "repetitions"):
+        if getattr(args, name) < 1:
+            raise TrillmError(f"invalid --{name.replace('_', '-')}: must be >= 1")
+    if args.autocast is None:  # as `trillm train --autocast auto` decides
+        args.autocast = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    threads = args.threads or os.cpu_count()
+    workers = [TrainWorker(engine, args, threads) for engine in TRAIN_ENGINES]
+    for worker in workers:  # warm-up
+        worker.run()
+    for _ in range(args.repetitions):
+        for worker in workers:
+            worker.runs.append(worker.run())
+    tokens = args.seq_len * args.micro_batch
+    results = {worker.engine: {"tokens_per_s": tokens / statistics.median(run["step_s"] for run in worker.runs),
+                               "parameters": worker.parameters, "peak_rss_mb": worker.finish() / 2**20}
+               for worker in workers}
+    report = {"preset": args.train, "threads": threads, "tokens_per_step": tokens, "seq_len": args.seq_len,
+              "bf16_autocast": args.autocast, "repetitions": args.repetitions, "engines": results,
+              "quantization_overhead": results[TRAIN_ENGINES[1]]["tokens_per_s"] / results[TRAIN_ENGINES[0]]["tokens_per_s"]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    width = max(len(engine) for engine in results) + 2
+    print(f"training preset {args.train}: {threads} threads, {args.micro_batch} x {args.seq_len} tokens a step, "
+          f"bf16 autocast {'on' if args.autocast else 'off'}, medians of {args.repetitions} steps after a warm-up\n")
+    print(f"{'engine':<{width}}{'parameters':>12}{'tokens/s':>10}{'peak RSS MB':>13}")
+    for engine, r in results.items():
+        print(f"{engine:<{width}}{r['parameters'] / 1e6:>11.1f}M{r['tokens_per_s']:>10.0f}{r['peak_rss_mb']:>13.0f}")
+    print(f"quantization overhead (full precision / ternary step time): {report['quantization_overhead']:.2f}x")
+
+
 if __name__ == "__main__":
-    engine, model_source, dtype, options, n_prompt, n_gen = sys.argv[1:7]
-    worker_main(engine, model_source or None, dtype, json.loads(options), int(n_prompt), int(n_gen))
+    if sys.argv[1] == "train":
+        engine, preset, seq_len, micro_batch, autocast = sys.argv[2:7]
+        train_worker_main(engine, preset, int(seq_len), int(micro_batch), autocast == "1")
+    else:
+        engine, model_source, dtype, options, n_prompt, n_gen = sys.argv[1:7]
+        worker_main(engine, model_source or None, dtype, json.loads(options), int(n_prompt), int(n_gen))

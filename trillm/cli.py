@@ -302,9 +302,9 @@ def command_tokenize(args):
 
 
 def command_bench(args):
-    from trillm.bench import run_bench
+    from trillm.bench import run_bench, run_train_bench
 
-    run_bench(args)
+    (run_train_bench if args.train else run_bench)(args)
 
 
 def command_inspect(args):
@@ -474,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
                        help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--train", default=None, metavar="PRESET",
+                       help="instead: training steps a second of a trillm train preset (BitNet, the same in full "
+                            "precision, transformers' LLaMA of the same sizes), -r steps each")
+    bench.add_argument("--seq-len", type=int, default=256, help="with --train: tokens a sequence")
+    bench.add_argument("--micro-batch", type=int, default=8, help="with --train: sequences a step")
+    bench.add_argument("--autocast", default=None, action=argparse.BooleanOptionalAction,
+                       help="with --train: the forward in bf16 autocast (default: where the CPU has AVX512-BF16)")
     bench.set_defaults(run=command_bench)
 
     inspect = commands.add_parser("inspect", help="what a checkpoint holds: tensors, statistics, structure, "
@@ -521,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--autocast", default=None, choices=["auto", "none", "bf16"],
                               help="bf16: the forward's matmuls in bfloat16; auto (default): where the CPU has "
                                    "AVX512-BF16 or AMX")
+    train_parser.add_argument("--shard", action="store_true", default=None,
+                              help="under torchrun: FSDP2, each process holding a share of the parameters, gradients "
+                                   "and optimizer state (default: DDP, each holding the whole model)")
     train_parser.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE",
                               help="learn a byte-level BPE vocabulary of this size from the data instead")
     train_parser.add_argument("--export", default=None, metavar="DIR", help="only export --out's checkpoint to DIR")

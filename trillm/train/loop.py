@@ -1,7 +1,11 @@
 """`trillm train`: the loop. AdamW under the two-stage schedules (recipe.py), gradient accumulation to the
 batch size in tokens, gradient clipping, a progress bar with loss, tokens/s and ETA, validation loss every
 N steps, the log as JSON lines, and a checkpoint every N steps (model, optimizer, step; the data positions
-follow from the step) that a later run with the same --out resumes exactly. Ctrl-C saves one first."""
+follow from the step) that a later run with the same --out resumes exactly. Ctrl-C saves one first.
+Under torchrun the processes share each step's micro-batches: DDP (each holds the whole model), or with
+--shard FSDP2 (torch.distributed.fsdp.fully_shard: each holds its share of every layer's parameters,
+gradients and optimizer state, gathered for a layer's forward and backward), for a model one process
+cannot hold."""
 
 import contextlib
 import json
@@ -46,6 +50,7 @@ class TrainSettings:
     precision: str = "ternary"  # or "full": the same architecture in full precision, the baseline
     tokenizer: str | None = None  # a model folder or GGUF whose tokenizer to use; None: the default model's
     train_tokenizer: int | None = None  # or a byte-level BPE vocabulary of this size learned from the data
+    shard: bool = False  # under torchrun: FSDP2 rather than DDP
     autocast: str = "auto"  # "bf16": the forward's matmuls in bfloat16 (torch.autocast); "auto": where the CPU
     # multiplies bfloat16 natively (AVX512-BF16, AMX), 1.4x the steps a second there (tiny preset, Zen 4)
 
@@ -108,9 +113,23 @@ def evaluate(model, batches: TokenBatches, settings: TrainSettings) -> float:
     return sum(losses) / len(losses)
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSettings):
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """The whole model's state dict, and the optimizer's keyed by parameter names, also from a sharded model
+    (every process must then ask: the shares are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    return (get_model_state_dict(model, options=options),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, settings: TrainSettings, rank: int):
+    """Every process calls it (a sharded model's state is gathered), rank 0 writes."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    if rank != 0:
+        return
     partial = path.with_suffix(".partial")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
                 "settings": asdict(settings), "shape": model.shape.to_dict()}, partial)
     os.replace(partial, path)
 
@@ -161,14 +180,24 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     peaks = settings.lr or (INIT_FROM_LR if settings.init_from else PRESETS[settings.preset]["lr"])
     schedule = TwoStageSchedule(settings.steps, peaks, settings.warmup, settings.weight_decay)
     blend_steps = settings.blend if settings.blend is not None else schedule.warmup if settings.init_from else 0
-    optimizer = torch.optim.AdamW(decay_groups(model, schedule.decay(0)), lr=schedule.learning_rate(0), betas=BETAS)
-    start = 0
+    start, state = 0, None
     checkpoint_path = out / CHECKPOINT
     if checkpoint_path.is_file():  # resume: weights_only, so nothing but tensors and plain values is unpickled
         state = torch.load(checkpoint_path, weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+    sharded = settings.shard and world > 1
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.AdamW(decay_groups(model, schedule.decay(0)), lr=schedule.learning_rate(0), betas=BETAS)
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     out.mkdir(parents=True, exist_ok=True)
     sequences = settings.batch_tokens // settings.seq_len
     micro_batches = math.ceil(sequences / settings.micro_batch)
@@ -178,22 +207,33 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     bf16 = settings.autocast == "bf16" or settings.autocast == "auto" and bool(
         {"avx512_bf16", "amx_bf16"} & cpu_flags())
     stepper = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         stepper = DistributedDataParallel(model)
+
+    def gradient_sync(last: bool):
+        """The gradients are summed over the processes' micro-batches once, at the last one."""
+        if world == 1:
+            return contextlib.nullcontext()
+        if sharded:
+            model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else stepper.no_sync()
+
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     completed, loss_value = start, float("nan")  # steps whose update the model holds
-    if start_weights is not None and start == 0 and rank == 0 and model.ternary:
+    if start_weights is not None and start == 0 and model.ternary:
         # The starting point: the model as it was (lambda 0) and ternarized without training (lambda 1).
         record = {"step": 0}
         for key, blend in (("val_loss_full_precision", 0.0), ("val_loss_ternarized", 1.0)):
             model.set_blend(blend)
-            record[key] = evaluate(model, batches, settings)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if progress:
+            record[key] = evaluate(model, batches, settings)  # every process: a sharded model needs them all
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if progress and rank == 0:
             tqdm.write(f"validation loss before training: {record['val_loss_full_precision']:.4f} as it was, "
                        f"{record['val_loss_ternarized']:.4f} ternarized")
     try:
@@ -210,10 +250,8 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             for index, micro in enumerate(mine):
                 count = min(settings.micro_batch, sequences - micro * settings.micro_batch)
                 batch = batches.batch(step, micro, count)
-                # The gradients are summed over the processes' micro-batches once, at the last one (DDP
-                # averages: hence the factor world).
-                with (stepper.no_sync() if world > 1 and index < len(mine) - 1 else contextlib.nullcontext(),
-                      torch.autocast("cpu", torch.bfloat16, enabled=bf16)):
+                # DDP and FSDP average the processes' gradients: hence the factor world.
+                with gradient_sync(index == len(mine) - 1), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                     logits = stepper(batch[:, :-1])
                     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) * count / sequences
                     (loss * world).backward()
@@ -227,28 +265,30 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             completed, loss_value = step + 1, total
             record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay, "blend": blend,
                       "tokens_per_s": sequences * settings.seq_len / (time.perf_counter() - began)}
+            if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
+                record["val_loss"] = evaluate(model, batches, settings)
             if rank == 0:
-                if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
-                    record["val_loss"] = evaluate(model, batches, settings)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if completed % settings.checkpoint_every == 0:
-                    save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+            if completed % settings.checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, model, optimizer, completed, settings, rank)
     except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, completed, settings)  # a later run resumes there
+        save_checkpoint(checkpoint_path, model, optimizer, completed, settings, rank)  # a later run resumes there
         raise
     finally:
         bar.close()
         if log:
             log.close()
-    if rank == 0:
-        save_checkpoint(checkpoint_path, model, optimizer, completed, settings)
+    save_checkpoint(checkpoint_path, model, optimizer, completed, settings, rank)
     model.set_blend(1.0)  # the model as exported, also where the run ended inside the blend
-    return {"model": model, "tokenizer": tokenizer, "loss": loss_value, "rank": rank,
-            "val_loss": evaluate(model, batches, settings)}
+    val_loss = evaluate(model, batches, settings)
+    if sharded:  # the whole model, for the export
+        whole = BitNetModel(shape, ternary=model.ternary)
+        whole.load_state_dict(full_state(model)[0])
+        model = whole
+    return {"model": model, "tokenizer": tokenizer, "loss": loss_value, "rank": rank, "val_loss": val_loss}
 
 
 def run_tokenizer(out: str | Path, settings: dict):
