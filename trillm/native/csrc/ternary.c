@@ -27,7 +27,10 @@
  * halves of a tile (64 bytes) a step, rather than all four codes for 3 tokens, one half (32 bytes) a
  * step: that spilled 10 of its 12 sums to the stack and read each cache line twice. Forced on one Zen 4
  * core, 6912 x 2560 at 128 tokens: 87-98 -> 117-125 G MACs/s; at 8 tokens 70 -> 105-122. One token keeps
- * all four codes of a half at once (fewer instructions a byte; decoding waits on memory anyway). Plain C
+ * all four codes of a half at once (fewer instructions a byte; decoding waits on memory anyway). Tried on
+ * AVX2 and dropped: bitnet.cpp's order, the checkpoint's bytes as they are (lanes over 32 columns of a
+ * packed row, activations as maddubs' memory operand, no broadcasts, 9 tokens a pass): the same ~125 G
+ * MACs/s a core, about one maddubs a cycle, which both kernels reach. Plain C
  * row by row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512
  * library has the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
  *
