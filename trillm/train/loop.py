@@ -147,8 +147,8 @@ def distributed() -> tuple[int, int]:
 def train(settings: TrainSettings, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) the training; `stop_after` ends this run after that step, checkpoint saved, as an
     interrupted one would end. Under torchrun each of the processes takes every world-th micro-batch of
-    each step's batch, DDP averages the gradients, and rank 0 alone logs and saves: the same steps as one
-    process with the same batch, up to the order of the float sums."""
+    each step's batch, DDP (or FSDP2, `shard`) averages the gradients, and rank 0 alone logs and writes
+    checkpoints: the same steps as one process with the same batch, up to the order of the float sums."""
     from tqdm import tqdm
 
     check_settings(settings)
