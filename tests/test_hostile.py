@@ -98,6 +98,23 @@ def test_head_counts_that_do_not_group_are_refused(llama_folder, heads, kv_heads
         trillm.load(llama_folder)
 
 
+def test_packed_ternary_rows_must_fill_whole_bytes():
+    """Four output rows share a byte of packed codes: a BitNet, or a LLaMA trained to 1.58 bits, whose
+    projections have other row counts is refused from its config; stored as bf16 masters it is not."""
+    from trillm.models.bitnet import BitNetConfig
+    from trillm.models.llama import LlamaConfig
+
+    packed = bitnet_config("bitnet-tiny", intermediate_size=354)
+    with pytest.raises(CheckpointError, match="multiples of 4; gate has 354"):
+        BitNetConfig.from_hf(packed)
+    assert BitNetConfig.from_hf(bitnet_config("bitnet-tiny", "bf16", intermediate_size=354)).intermediate_size == 354
+    llama = {"hidden_size": 64, "intermediate_size": 90, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "vocab_size": 101, "quantization_config": packed["quantization_config"]}
+    with pytest.raises(CheckpointError, match="multiples of 4; gate has 90"):
+        LlamaConfig.from_hf(llama)
+    assert LlamaConfig.from_hf({**llama, "quantization_config": {}}).ternary is None
+
+
 def test_gguf_head_counts_and_head_dim_are_checked(tmp_path):
     good = write_bitnet_gguf(tmp_path / "good.gguf", gguf_config(), "tq2_0", tokenizer=False)
     bad = rewrite_gguf(good, tmp_path / "kv.gguf", metadata={"bitnet.attention.head_count_kv": 3})

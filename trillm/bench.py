@@ -199,46 +199,58 @@ def worker_main(engine: str, model_source: str, dtype: str, options: dict, n_pro
         from trillm.native.build import set_num_threads
 
         set_num_threads(threads)
-    try:
+
+    def start():
         if options.get("binary"):
             runner = LlamaBenchRunner(options["binary"], options["gguf"])
         else:
             runner = RUNNERS[engine](model_source, dtype, **(options if engine == "trillm" else {}))
         prompt = random_prompt(runner.vocab_size, n_prompt)
-        print(json.dumps({"ready": True, "weight_bytes": runner.weight_bytes}), flush=True)
+
+        def run() -> dict:
+            prefill, decode = runner.run(prompt, n_gen)
+            return {"prefill_s": prefill, "decode_s": decode}
+        return {"weight_bytes": runner.weight_bytes}, run, getattr(runner, "peak_rss_bytes", None)
+
+    serve_runs(engine, start)
+
+
+def serve_runs(engine: str, start):
+    """A worker's side of the conversation: `start()` loads and gives (the ready message's fields, one
+    measured run as a dict, the peak RSS or None for this process's own); then each `run` line gets one run
+    as JSON, and the end of input the peak. An error is one JSON line, which the parent reports."""
+    try:
+        ready, run, peak = start()
+        print(json.dumps({"ready": True, **ready}), flush=True)
         for line in sys.stdin:
             if line.strip() != "run":
                 break
-            prefill, decode = runner.run(prompt, n_gen)
-            print(json.dumps({"prefill_s": prefill, "decode_s": decode}), flush=True)
+            print(json.dumps(run()), flush=True)
     except Exception as error:  # reported by the parent as one line
         print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
         return
     # Linux reports kilobytes
-    peak = getattr(runner, "peak_rss_bytes", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)()
-    print(json.dumps({"peak_rss_bytes": peak}), flush=True)
+    print(json.dumps({"peak_rss_bytes": peak() if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+          flush=True)
 
 
 # ---- Parent side ------------------------------------------------------------------------------------
 
 class Worker:
-    def __init__(self, label: str, args, threads: int, engine: str, binary: str | None, gguf: str | None):
+    """One worker process (`python -m trillm.bench ARGUMENTS`), started with this many threads; `ready` holds
+    the fields of its ready message, `runs` the runs asked of it."""
+
+    def __init__(self, label: str, arguments: list[str], threads: int, keep_omp_wait_policy: bool = False):
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads), TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-        if engine in ("llama.cpp", "bitnet.cpp"):
-            # llama.cpp synchronises its OpenMP threads after every op: sleeping waiters cost it 3x. Its
-            # threads spin only while it runs, and the engines take turns, so its own default is fair.
+        if keep_omp_wait_policy:
             del env["OMP_WAIT_POLICY"]
-            env["TRILLM_KEEP_OMP_WAIT_POLICY"] = "1"  # or importing trillm (this worker) would set it again
-        command = [sys.executable, "-m", "trillm.bench", engine, args.model or "", args.reference_dtype,
-                   json.dumps({"binary": binary, "gguf": gguf} if binary else
-                              {"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations,
-                               "activations": args.activations}),
-                   str(args.n_prompt), str(args.n_gen)]
+            env["TRILLM_KEEP_OMP_WAIT_POLICY"] = "1"  # or importing trillm (the worker) would set it again
         self.engine = label
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-        self.weight_bytes = self.receive()["weight_bytes"]
+        self.process = subprocess.Popen([sys.executable, "-m", "trillm.bench", *arguments], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, text=True)
+        self.ready = self.receive()
         self.runs = []
 
     def receive(self) -> dict:
@@ -261,6 +273,26 @@ class Worker:
         peak = self.receive()["peak_rss_bytes"]
         self.process.wait()
         return peak
+
+
+def engine_worker(label: str, args, threads: int, engine: str, binary: str | None, gguf: str | None) -> Worker:
+    arguments = [engine, args.model or "", args.reference_dtype,
+                 json.dumps({"binary": binary, "gguf": gguf} if binary else
+                            {"head": args.head, "dense": args.dense, "expert_activations": args.expert_activations,
+                             "activations": args.activations}),
+                 str(args.n_prompt), str(args.n_gen)]
+    # llama.cpp synchronises its OpenMP threads after every op: sleeping waiters cost it 3x. Its threads spin
+    # only while it runs, and the engines take turns, so its own default is fair.
+    return Worker(label, arguments, threads, keep_omp_wait_policy=engine in ("llama.cpp", "bitnet.cpp"))
+
+
+def take_turns(workers: list[Worker], repetitions: int):
+    """One warm-up run each (caches, thread pools, lazy initialisation), then the measured runs, in turns."""
+    for worker in workers:
+        worker.run()
+    for _ in range(repetitions):
+        for worker in workers:
+            worker.runs.append(worker.run())
 
 
 def measure_memory_bandwidth(threads: int) -> float:
@@ -328,12 +360,8 @@ def run_bench(args):
     sequential = len(engines) * checkpoint_bytes(args.model) > 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     results = {}
     for group in ([[label] for label in engines] if sequential else [list(engines)]):
-        workers = [Worker(label, args, threads, *engines[label]) for label in group]
-        for worker in workers:  # warm-up: caches, thread pools, lazy initialisation
-            worker.run()
-        for _ in range(args.repetitions):
-            for worker in workers:
-                worker.runs.append(worker.run())
+        workers = [engine_worker(label, args, threads, *engines[label]) for label in group]
+        take_turns(workers, args.repetitions)
         for worker in workers:
             prefill = statistics.median(run["prefill_s"] for run in worker.runs)
             decode = statistics.median(run["decode_s"] for run in worker.runs)
@@ -341,8 +369,8 @@ def run_bench(args):
                 "prefill_tokens_per_s": args.n_prompt / prefill,
                 "decode_tokens_per_s": args.n_gen / decode,
                 "peak_rss_mb": worker.finish() / 2**20,
-                "weights_mb_per_token": worker.weight_bytes / 2**20,
-                "implied_gb_per_s": worker.weight_bytes * args.n_gen / decode / 1e9,
+                "weights_mb_per_token": worker.ready["weight_bytes"] / 2**20,
+                "implied_gb_per_s": worker.ready["weight_bytes"] * args.n_gen / decode / 1e9,
             }
     bandwidth = measure_memory_bandwidth(threads)
     from trillm.native.build import chosen_level
@@ -435,34 +463,17 @@ def train_worker_main(engine: str, preset: str, seq_len: int, micro_batch: int, 
     import torch
 
     torch.set_num_threads(int(os.environ["TRILLM_BENCH_THREADS"]))
-    try:
+
+    def start():
         runner = TrainStepRunner(engine, preset, seq_len, micro_batch, autocast)
-        print(json.dumps({"ready": True, "parameters": runner.parameters}), flush=True)
-        for line in sys.stdin:
-            if line.strip() != "run":
-                break
-            print(json.dumps({"step_s": runner.run()}), flush=True)
-    except Exception as error:  # reported by the parent as one line
-        print(json.dumps({"error": f"{engine}: {error}"}), flush=True)
-        return
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+        return {"parameters": runner.parameters}, lambda: {"step_s": runner.run()}, None
 
-
-class TrainWorker(Worker):
-    def __init__(self, engine: str, args, threads: int):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   TRILLM_BENCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-        command = [sys.executable, "-m", "trillm.bench", "train", engine, args.train, str(args.seq_len),
-                   str(args.micro_batch), "1" if args.autocast else "0"]
-        self.engine = engine
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-        self.parameters = self.receive()["parameters"]
-        self.runs = []
+    serve_runs(engine, start)
 
 
 def run_train_bench(args):
     """Training steps a second of the three TRAIN_ENGINES, taking turns, medians of the repetitions."""
-    from trillm.native.build import cpu_flags
+    from trillm.train.loop import native_bf16
     from trillm.train.recipe import PRESETS
 
     if args.train not in PRESETS:
@@ -471,17 +482,14 @@ def run_train_bench(args):
         if getattr(args, name) < 1:
             raise TrillmError(f"invalid --{name.replace('_', '-')}: must be >= 1")
     if args.autocast is None:  # as `trillm train --autocast auto` decides
-        args.autocast = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        args.autocast = native_bf16()
     threads = args.threads or os.cpu_count()
-    workers = [TrainWorker(engine, args, threads) for engine in TRAIN_ENGINES]
-    for worker in workers:  # warm-up
-        worker.run()
-    for _ in range(args.repetitions):
-        for worker in workers:
-            worker.runs.append(worker.run())
+    arguments = [args.train, str(args.seq_len), str(args.micro_batch), "1" if args.autocast else "0"]
+    workers = [Worker(engine, ["train", engine, *arguments], threads) for engine in TRAIN_ENGINES]
+    take_turns(workers, args.repetitions)
     tokens = args.seq_len * args.micro_batch
     results = {worker.engine: {"tokens_per_s": tokens / statistics.median(run["step_s"] for run in worker.runs),
-                               "parameters": worker.parameters, "peak_rss_mb": worker.finish() / 2**20}
+                               "parameters": worker.ready["parameters"], "peak_rss_mb": worker.finish() / 2**20}
                for worker in workers}
     report = {"preset": args.train, "threads": threads, "tokens_per_step": tokens, "seq_len": args.seq_len,
               "bf16_autocast": args.autocast, "repetitions": args.repetitions, "engines": results,

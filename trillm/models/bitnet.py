@@ -26,9 +26,10 @@ from trillm.checkpoint.fields import Fields
 from trillm.errors import CheckpointError
 from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, self_attention, swiglu
 from trillm.models.loading import (
-    CODES_PER_BYTE,
     DECODER_LAYER_NAMES,
+    TERNARY_PROJECTIONS,
     TernaryStorage,
+    check_packed_shapes,
     decoder_layer_shapes,
     load_ends,
     load_layers,
@@ -48,8 +49,7 @@ DEFAULT_HEAD = "q6_k"
 
 @dataclass
 class BitNetConfig(DecoderConfig):
-    packed: bool = True  # uint8 codes + weight_scale ("offline"); False: dense master weights ("online")
-    scale_divides: bool = False  # linear_class "bitlinear": y / weight_scale; "autobitlinear": y * weight_scale
+    ternary: TernaryStorage = TernaryStorage(packed=True, scale_divides=False)  # the release's
     hidden_act: str = "relu2"  # the FFN's activation: a key of GLU_ACTIVATIONS (2B4T's relu2; SiLU in GGUF files)
 
     @classmethod
@@ -66,8 +66,7 @@ class BitNetConfig(DecoderConfig):
         defaults = dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
                         num_attention_heads=20, num_key_value_heads=5, rms_norm_eps=1e-5, rope_theta=500000.0,
                         max_position_embeddings=2048)  # transformers' BitNetConfig's
-        config = cls(**DecoderConfig.hf_fields(fields, defaults), packed=storage.packed,
-                     scale_divides=storage.scale_divides, hidden_act=hidden_act)
+        config = cls(**DecoderConfig.hf_fields(fields, defaults), ternary=storage, hidden_act=hidden_act)
         config.check(source)
         return config
 
@@ -81,20 +80,15 @@ class BitNetConfig(DecoderConfig):
             raise CheckpointError(f"{source}: RoPE scaling {scaling!r} with factor "
                                   f"{fields.get('bitnet.rope.scaling.factor', 1.0)} is not supported for BitNet")
         config = cls(**DecoderConfig.gguf_fields(fields, tensor_names),
-                     scale_divides=True,  # TQ blocks hold w = d * code; ternary_from_gguf turns d into the divisor
+                     # TQ blocks hold w = d * code; ternary_from_gguf turns d into the divisor
+                     ternary=TernaryStorage(packed=True, scale_divides=True),
                      hidden_act=GGUF_ACTIVATIONS[activation])
         config.check(source)
         return config
 
     def check(self, source):
         super().check(source)
-        if not self.packed:
-            return
-        shapes = layer_shapes(self)
-        for key in PROJECTIONS:  # packed rows hold 4 codes
-            if shapes[key][0] % CODES_PER_BYTE:
-                raise CheckpointError(f"{source}: packed BitNet projections need output sizes that are multiples "
-                                      f"of {CODES_PER_BYTE}; {key} has {shapes[key][0]}")
+        check_packed_shapes(self, self.ternary, source)
 
 
 # The gated FFN's activation, on the fused [gate | up]: 2B4T's squared ReLU, or SiLU (GGUF files of the
@@ -148,7 +142,6 @@ LAYER_NAMES = {
     "attention_sub_norm": ("model.layers.{i}.self_attn.attn_sub_norm.weight", "blk.{i}.attn_sub_norm.weight"),
     "mlp_sub_norm": ("model.layers.{i}.mlp.ffn_sub_norm.weight", "blk.{i}.ffn_sub_norm.weight"),
 }
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def layer_shapes(c: BitNetConfig) -> dict:
@@ -173,7 +166,7 @@ def load_bitnet(checkpoint, head: str | None = None) -> Transformer:
       close (a quarter of its steps); trained models have wider margins.
     """
     config = BitNetConfig.from_hf(checkpoint.config, checkpoint.path / "config.json")
-    return load_blocks(checkpoint, config, head, lambda name, shape: read_ternary(checkpoint, name, shape, TernaryStorage(config.packed, config.scale_divides)))
+    return load_blocks(checkpoint, config, head, lambda name, shape: read_ternary(checkpoint, name, shape, config.ternary))
 
 
 def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_projection) -> Transformer:
@@ -181,7 +174,7 @@ def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_project
     weight as a TernaryTensor. Every block keeps its own retiled or float copies, so the file's pages of
     all a layer's tensors are let go once it is built."""
     def read(key: str, name: str, shape: tuple):
-        return read_projection(name, shape) if key in PROJECTIONS else read_norm(checkpoint, name, shape)
+        return read_projection(name, shape) if key in TERNARY_PROJECTIONS else read_norm(checkpoint, name, shape)
 
     embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
     blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,

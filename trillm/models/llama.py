@@ -20,6 +20,7 @@ from trillm.models.layers import Block, DecoderConfig, RMSNorm, Transformer, sel
 from trillm.models.loading import (
     DECODER_LAYER_NAMES,
     TernaryStorage,
+    check_packed_shapes,
     decoder_layer_shapes,
     load_ends,
     load_layers,
@@ -56,6 +57,10 @@ class LlamaConfig(DecoderConfig):
         config = cls(**DecoderConfig.gguf_fields(Fields(metadata, source), tensor_names))
         config.check(source)
         return config
+
+    def check(self, source):
+        super().check(source)
+        check_packed_shapes(self, self.ternary, source)
 
 
 class Attention(nn.Module):

@@ -185,15 +185,27 @@ def ternary_storage(config: Fields, source) -> TernaryStorage | None:
                           scale_divides=linear_class == "bitlinear")
 
 
+# The projections that are BitLinears (keys of DECODER_LAYER_NAMES).
+TERNARY_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def check_packed_shapes(c: DecoderConfig, storage: TernaryStorage | None, source):
+    """Raise CheckpointError where packed projections would not fill whole bytes (4 rows share one)."""
+    if storage is None or not storage.packed:
+        return
+    shapes = decoder_layer_shapes(c)
+    for key in TERNARY_PROJECTIONS:
+        if shapes[key][0] % CODES_PER_BYTE:
+            raise CheckpointError(f"{source}: packed ternary projections need output sizes that are multiples "
+                                  f"of {CODES_PER_BYTE}; {key} has {shapes[key][0]}")
+
+
 def read_ternary(checkpoint, name: str, shape: tuple[int, int], storage: TernaryStorage) -> TernaryTensor:
     """One BitLinear weight as ternary codes and the scale that `y = (int8(x) @ W^T) / (act_scale * scale)`
-    needs, from either storage, every code and the scale checked."""
+    needs, from either storage (the shapes checked by check_packed_shapes), every code and the scale checked."""
     if not storage.packed:
         return ternarize_absmean(checkpoint.get(name, shape))  # as transformers' online AutoBitLinear does
     out_features, in_features = shape
-    if out_features % CODES_PER_BYTE:
-        raise CheckpointError(f"{checkpoint.path}: packed ternary projections need output sizes that are "
-                              f"multiples of {CODES_PER_BYTE}; {name!r} has {out_features}")
     packed = checkpoint.get(name, (out_features // CODES_PER_BYTE, in_features))
     file = checkpoint.file_of(name)
     if packed.dtype != torch.uint8:

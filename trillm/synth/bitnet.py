@@ -160,7 +160,7 @@ def bitnet_tensors(config: dict, seed: int) -> list[Tensor]:
         # Keeps a projection's output at its input's scale: 60% of the in_features codes are nonzero.
         def scale():
             multiplier = (0.6 * in_features) ** -0.5 * (0.8 + 0.45 * torch.rand(1, generator=generator))
-            yield (1 / multiplier if c.scale_divides else multiplier).bfloat16()
+            yield (1 / multiplier if c.ternary.scale_divides else multiplier).bfloat16()
         return scale
 
     def master_weight(shape: tuple[int, int]) -> Callable:
@@ -187,7 +187,7 @@ def bitnet_tensors(config: dict, seed: int) -> list[Tensor]:
         for name, length in norms.items():
             tensors.append((f"{prefix}.{name}.weight", torch.bfloat16, (length,), norm(length)))
         for name, (out_features, in_features) in projections.items():
-            if c.packed:
+            if c.ternary.packed:
                 tensors.append((f"{prefix}.{name}.weight", torch.uint8, (out_features // 4, in_features),
                                 ternary_codes((out_features, in_features))))
                 tensors.append((f"{prefix}.{name}.weight_scale", torch.bfloat16, (1,), weight_scale(in_features)))
@@ -214,7 +214,7 @@ def write_bitnet_gguf(path: str | Path, config: dict, layout: str = "tq2_0", see
     would write one. `bitnet.hidden_activation` says "relu2", which llama.cpp does not know (its bitnet
     graph then runs SiLU). Tensors are converted one at a time, in the order they are generated."""
     c = BitNetConfig.from_hf(config)
-    if not c.packed or c.scale_divides:
+    if not c.ternary.packed or c.ternary.scale_divides:
         raise ValueError("GGUF layouts hold the packed release's weights: the config needs quantization_config "
                          "linear_class 'autobitlinear', quantization_mode 'offline'")
     if layout not in GGUF_LAYOUTS or embedding_type not in GGUF_EMBEDDING_TYPES:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trillm.synth.bitnet import MASTER_QUANTIZATION_CONFIG, bitnet_config
+from trillm.synth.bitnet import BITNET_2B4T_CONFIG, MASTER_QUANTIZATION_CONFIG, bitnet_config
 from trillm.train.recipe import BitLinear, BitNetModel, quantize_weight
 from trillm.weights.ternary import pack_ternary
 
@@ -31,8 +31,8 @@ def config_json(model: BitNetModel, layout: str) -> dict:
 
 def llama_config_json(model: BitNetModel, layout: str) -> dict:
     s = model.shape
-    config = bitnet_config("bitnet-b1.58-2b-4t", layout)["quantization_config"]
-    quantization = {**(MASTER_QUANTIZATION_CONFIG if layout == "bf16" else config), "modules_to_not_convert": ["lm_head"]}
+    stored = MASTER_QUANTIZATION_CONFIG if layout == "bf16" else BITNET_2B4T_CONFIG["quantization_config"]
+    quantization = {**stored, "modules_to_not_convert": ["lm_head"]}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
             "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,

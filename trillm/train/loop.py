@@ -60,6 +60,11 @@ class TrainSettings:
 INIT_FROM_LR = (1e-3, 5e-4)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX): where --autocast auto takes bf16."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def check_settings(s: TrainSettings):
     if (s.preset is None) == (s.init_from is None):
         raise TrillmError("trillm train needs either --preset or --init-from")
@@ -204,8 +209,7 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     if micro_batches < world:
         raise TrillmError(f"{micro_batches} micro-batches a step cannot keep {world} processes busy: raise "
                           f"--batch-tokens or lower --micro-batch")
-    bf16 = settings.autocast == "bf16" or settings.autocast == "auto" and bool(
-        {"avx512_bf16", "amx_bf16"} & cpu_flags())
+    bf16 = settings.autocast == "bf16" or settings.autocast == "auto" and native_bf16()
     stepper = model
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
@@ -224,6 +228,7 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=settings.steps, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     completed, loss_value = start, float("nan")  # steps whose update the model holds
+    val_loss, measured = None, None  # the latest validation loss, and (step, lambda) it measured
     if start_weights is not None and start == 0 and model.ternary:
         # The starting point: the model as it was (lambda 0) and ternarized without training (lambda 1).
         record = {"step": 0}
@@ -266,7 +271,8 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
             record = {"step": step + 1, "loss": total, "lr": lr, "weight_decay": decay, "blend": blend,
                       "tokens_per_s": sequences * settings.seq_len / (time.perf_counter() - began)}
             if (step + 1) % settings.val_every == 0 or step + 1 == settings.steps:
-                record["val_loss"] = evaluate(model, batches, settings)
+                record["val_loss"] = val_loss = evaluate(model, batches, settings)
+                measured = (step + 1, blend)
             if rank == 0:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -281,9 +287,11 @@ def train(settings: TrainSettings, progress: bool = True, stop_after: int | None
         bar.close()
         if log:
             log.close()
-    save_checkpoint(checkpoint_path, model, optimizer, completed, settings, rank)
+    if completed != start and completed % settings.checkpoint_every:  # else saved already
+        save_checkpoint(checkpoint_path, model, optimizer, completed, settings, rank)
     model.set_blend(1.0)  # the model as exported, also where the run ended inside the blend
-    val_loss = evaluate(model, batches, settings)
+    if measured != (completed, 1.0):  # else the last step measured this very model
+        val_loss = evaluate(model, batches, settings)
     if sharded:  # the whole model, for the export
         whole = BitNetModel(shape, ternary=model.ternary)
         whole.load_state_dict(full_state(model)[0])

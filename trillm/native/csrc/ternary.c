@@ -30,9 +30,9 @@
  * all four codes of a half at once (fewer instructions a byte; decoding waits on memory anyway). Tried on
  * AVX2 and dropped: bitnet.cpp's order, the checkpoint's bytes as they are (lanes over 32 columns of a
  * packed row, activations as maddubs' memory operand, no broadcasts, 9 tokens a pass): the same ~125 G
- * MACs/s a core, about one maddubs a cycle, which both kernels reach. Plain C
- * row by row. Which one a library holds is decided when it is compiled (see kernels.h): the AVX-512
- * library has the VNNI kernel, the AVX2 library the maddubs one, the portable library the plain C.
+ * MACs/s a core, about one maddubs a cycle, which both kernels reach. Plain C row by row. Which one a
+ * library holds is decided when it is compiled (see kernels.h): the AVX-512 library has the VNNI kernel,
+ * the AVX2 library the maddubs one, the portable library the plain C.
  *
  * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
  * one token 25-40 GB/s of weights, as fast as the plain read; 8 tokens or more ~400 G int8 MACs/s,
@@ -177,6 +177,13 @@ static void plain_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) 
 #endif
 
 #if TERNARY_AVX2 || TERNARY_AVX512
+/* The tokens of the next pass over a block, of the `left` still to do: passes of at most `most` tokens, as
+ * even as possible (8 tokens in passes of 6: 4 + 4, not 6 + 2). */
+static ALWAYS_INLINE int pass_tokens(int64_t left, int most) {
+    const int64_t passes = (left + most - 1) / most;
+    return (int)((left + passes - 1) / passes);
+}
+
 /* Blocks b0..b1 are contiguous: start the prefetch that the kernels then keep PREFETCH_BYTES ahead. */
 static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t b0, int64_t b1) {
     const uint8_t *first = job->tiles + b0 * job->groups * TILE_BYTES;
@@ -290,9 +297,7 @@ static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
     prefetch_start(job, b0, b1);
     for (int64_t b = b0; b < b1; b++)
         for (int64_t t = 0; t < job->tokens;) {
-            /* passes of at most AVX2_PASS_TOKENS tokens, as even as possible */
-            int64_t left = job->tokens - t, passes = (left + AVX2_PASS_TOKENS - 1) / AVX2_PASS_TOKENS;
-            int nt = (int)((left + passes - 1) / passes);
+            const int nt = pass_tokens(job->tokens - t, AVX2_PASS_TOKENS);
             switch (nt) { /* the token count a constant, so the sums live in registers */
             case 1: avx2_half_one_token(job, b, 0, t); avx2_half_one_token(job, b, 1, t); break;
             case 2: avx2_block_many(job, b, t, 2); break;
@@ -376,9 +381,7 @@ static void avx512_blocks(const struct ternary_job *job, int64_t b0, int64_t b1)
     prefetch_start(job, b0, b1);
     for (int64_t b = b0; b < b1; b++)
         for (int64_t t = 0; t < job->tokens;) {
-            /* passes of at most PASS_TOKENS tokens, as even as possible (8 tokens: 4 + 4, not 6 + 2) */
-            int64_t left = job->tokens - t, passes = (left + PASS_TOKENS - 1) / PASS_TOKENS;
-            int nt = (int)((left + passes - 1) / passes);
+            const int nt = pass_tokens(job->tokens - t, PASS_TOKENS);
             switch (nt) { /* the token count a constant, so the accumulators live in registers */
             case 1: avx512_block(job, b, t, 1); break;
             case 2: avx512_block(job, b, t, 2); break;
