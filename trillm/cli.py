@@ -72,10 +72,10 @@ def sampling_from(args):
                     repetition_penalty=args.repeat_penalty, seed=args.seed)
 
 
-def load_model(args):
+def set_threads(args) -> int:
+    """Set the CPU threads -t asks for (torch's on this thread, and the kernels' pool); return them."""
     import torch
 
-    import trillm
     from trillm.native.build import set_num_threads
 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -86,8 +86,14 @@ def load_model(args):
         note(f"trillm: warning: --threads {threads} is more than the {available} CPUs this process may use")
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head, dense=args.dense,
-                       expert_activations=args.expert_activations, activations=args.activations)
+    return threads
+
+
+def load_model(args):
+    import trillm
+
+    set_threads(args)
+    return trillm_load(args)
 
 
 def new_tokens(args, model) -> int:
@@ -307,6 +313,39 @@ def command_bench(args):
     (run_train_bench if args.train else run_bench)(args)
 
 
+def command_serve(args):
+    import uvicorn
+
+    from trillm.server.app import Server, create_app
+
+    if args.parallel < 1 or args.queue < 0 or not 0 <= args.port <= 65535:
+        raise TrillmError("invalid --parallel, --queue or --port: --parallel >= 1, --queue >= 0, --port 0 to 65535")
+    threads = set_threads(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        note(f"trillm: warning: serving on {args.host} without --api-key: anyone who can reach it may use it")
+    failures = []
+
+    def failed(message: str):
+        failures.append(message)
+        http.should_exit = True
+
+    server = Server(lambda: trillm_load(args), args.parallel, args.queue, args.api_key, args.alias, failed, threads)
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                                         timeout_graceful_shutdown=2))
+    note(f"trillm: serving http://{args.host}:{args.port}/ (the chat page; the API under /v1); the model loads "
+         f"now, /health answers 200 once it is ready")
+    http.run()
+    if failures:
+        raise TrillmError(failures[0])
+
+
+def trillm_load(args):
+    import trillm
+
+    return trillm.load(args.model, ctx_size=args.ctx_size, head=args.head, dense=args.dense,
+                       expert_activations=args.expert_activations, activations=args.activations)
+
+
 def command_inspect(args):
     import json as json_module
 
@@ -482,6 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--autocast", default=None, action=argparse.BooleanOptionalAction,
                        help="with --train: the forward in bf16 autocast (default: where the CPU has AVX512-BF16)")
     bench.set_defaults(run=command_bench)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, and a "
+                                              "chat page")
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on the API")
+    serve.add_argument("--parallel", "-np", type=int, default=4,
+                       help="sequences generated at once, each with its own KV cache slot (default 4)")
+    serve.add_argument("--queue", type=int, default=64,
+                       help="requests that may wait for a slot; beyond them, 503 (default 64)")
+    serve.add_argument("--alias", default=None, help="the model's id in the API (default: its file or folder name)")
+    serve.set_defaults(run=command_serve)
 
     inspect = commands.add_parser("inspect", help="what a checkpoint holds: tensors, statistics, structure, "
                                                   "planning figures, verification of packed weights")

@@ -60,19 +60,22 @@ def decode_one_token(network, session: Session, token: int) -> torch.Tensor:
     return logits
 
 
-def new_cache(network, max_context: int):
-    """The network's KV cache for one sequence of max_context positions, refused in one line when it could
-    not fit in this machine's memory at all (torch reserves it lazily, so a huge one would fail late)."""
+def new_cache(network, max_context: int, sequences: int = 1):
+    """The network's KV cache for `sequences` sequences of max_context positions, refused in one line when
+    it could not fit in this machine's memory at all (torch reserves it lazily, so a huge one would fail
+    late)."""
     c = network.config
-    needed = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * max_context
+    needed = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * max_context * sequences
+    what = f"a context of {max_context} tokens" if sequences == 1 else \
+        f"{sequences} contexts (--parallel) of {max_context} tokens"
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
     if physical and needed > physical:
-        raise TrillmError(f"a context of {max_context} tokens needs a {needed / 2**30:.1f} GB KV cache, more than "
+        raise TrillmError(f"{what} needs a {needed / 2**30:.1f} GB KV cache, more than "
                           f"this machine's {physical / 2**30:.1f} GB of memory: lower -c/--ctx-size")
     try:
-        return network.new_cache(1, max_context)
+        return network.new_cache(sequences, max_context)
     except RuntimeError as error:  # torch's allocator: "can't allocate memory"
-        raise TrillmError(f"a context of {max_context} tokens needs a {needed / 2**30:.1f} GB KV cache, which "
+        raise TrillmError(f"{what} needs a {needed / 2**30:.1f} GB KV cache, which "
                           f"could not be allocated: lower -c/--ctx-size") from error
 
 

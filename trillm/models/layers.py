@@ -237,6 +237,15 @@ class KVCache:
         self.values = [torch.empty(batch, num_kv_heads, n, head_dim) for n in slots]
         self.max_length = max_length
 
+    def row(self, index: int) -> "KVCache":
+        """The cache of one sequence, row `index` of this batch: views, so its writes land here (a server's
+        slot)."""
+        view = object.__new__(KVCache)
+        view.windows, view.rope, view.max_length = self.windows, self.rope, self.max_length
+        view.keys = [keys[index:index + 1] for keys in self.keys]
+        view.values = [values[index:index + 1] for values in self.values]
+        return view
+
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int):
         """Store (B, kv_heads, T, head_dim) keys/values at positions start.., return all so far (a layer
         that keeps every position)."""
@@ -283,9 +292,16 @@ def self_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], c
     into the cache, causal attention over the positions so far (the last `window` of them, if given), with
     one sink logit per head if given. Returns (B, T, heads * head_dim).
 
-    One new token with a cache (a decode step) is one native op, ops.attend_one_token."""
+    One new token with a cache (a decode step) is one native op, ops.attend_one_token. A decode step of
+    several sequences (`cache` and `start` lists, one a row: see Transformer.forward) is one such op a row.
+    """
     cos, sin = rope
     batch, length, all_heads, head_dim = qkv.shape
+    if isinstance(cache, list):
+        return torch.cat([ops.attend_one_token(qkv[row:row + 1], cos[row:row + 1], sin[row:row + 1],
+                                               row_cache.keys[layer], row_cache.values[layer], position, num_heads,
+                                               sinks, window)
+                          for row, (row_cache, position) in enumerate(zip(cache, start))])
     if length == 1 and cache is not None:
         return ops.attend_one_token(qkv, cos, sin, cache.keys[layer], cache.values[layer], start, num_heads, sinks,
                                     window)
@@ -399,12 +415,23 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept."""
+        """Logits (B, T, vocab) for tokens at positions start..; with a cache, keys/values are kept.
+
+        Continuous batching: a decode step of B sequences at once gives one token a row (B, 1), `cache` a
+        list of each row's cache (KVCache.row) and `start` a list of each row's position. The matmuls then
+        read each weight once for all of them; attention runs row by row over each row's own cache."""
+        if isinstance(start, list):
+            positions = torch.tensor(start)
+            rope = cache[0].rope[0][positions], cache[0].rope[1][positions]  # (B, 1, head_dim) each
+            return self._blocks_and_head(input_ids, rope, cache, start, last_only)
         end = start + input_ids.shape[1]
         if cache is not None and cache.rope is not None and end <= cache.rope[0].shape[0]:
             rope = cache.rope[0][start:end], cache.rope[1][start:end]
         else:
             rope = rope_cos_sin(self.inv_freq, torch.arange(start, end), self.attention_factor)
+        return self._blocks_and_head(input_ids, rope, cache, start, last_only)
+
+    def _blocks_and_head(self, input_ids, rope, cache, start, last_only):
         x = self.embedding(input_ids)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, start)
