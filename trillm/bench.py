@@ -506,6 +506,121 @@ def run_train_bench(args):
     print(f"quantization overhead (full precision / ternary step time): {report['quantization_overhead']:.2f}x")
 
 
+# ---- Serving: `trillm bench --serve N` ---------------------------------------------------------------------
+#
+# `trillm serve` in its own process, then streaming clients over loopback HTTP: one alone (batch-1 decode),
+# then N at once (continuous batching). Each asks for -n tokens (ignore_eos) after its own random prompt of
+# -p tokens, so that no slot reuses another's prefix.
+
+def stream_completion(port: int, prompt: list[int], n_gen: int) -> dict:
+    """One streamed /v1/completions request: when it was sent, when each text event came, when it ended."""
+    import http.client
+
+    body = json.dumps({"prompt": prompt, "max_tokens": n_gen, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise TrillmError(f"the server answered {response.status}: {response.read().decode()[:200]}")
+    events, tokens = [], 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"] and chunk["choices"][0]["text"]:
+            events.append(time.perf_counter())
+    connection.close()
+    return {"sent": sent, "events": events, "ended": time.perf_counter(), "tokens": tokens}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def serve_round(port: int, clients: int, n_prompt: int, n_gen: int, vocab_size: int, round_index: int) -> dict:
+    """`clients` streams at once; their aggregate tokens/s and latencies (ms)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [random_prompt(vocab_size, n_prompt + 1 + round_index * clients + k)[-n_prompt:] for k in range(clients)]
+    begun = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        streams = list(pool.map(lambda prompt: stream_completion(port, prompt, n_gen), prompts))
+    wall = max(s["ended"] for s in streams) - begun
+    gaps = [(b - a) * 1e3 for s in streams for a, b in zip(s["events"], s["events"][1:])]
+    decode = [(len(s["events"]) - 1) / (s["events"][-1] - s["events"][0]) for s in streams if len(s["events"]) > 1]
+    return {"tokens_per_s": sum(s["tokens"] for s in streams) / wall,
+            "stream_decode_tokens_per_s": statistics.median(decode),
+            "first_token_ms": [(s["events"][0] - s["sent"]) * 1e3 for s in streams if s["events"]],
+            "gap_ms": gaps, "latency_ms": [(s["ended"] - s["sent"]) * 1e3 for s in streams]}
+
+
+def run_serve_bench(args):
+    import socket
+    import urllib.request
+
+    clients, threads = args.serve, args.threads or os.cpu_count()
+    for name in ("n_prompt", "n_gen", "repetitions", "serve"):
+        if getattr(args, name) < 1:
+            raise TrillmError(f"invalid --{name.replace('_', '-')}: must be >= 1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = [("-m", args.model), ("-c", args.ctx_size), ("--head", args.head), ("--dense", args.dense),
+               ("--expert-activations", args.expert_activations), ("--activations", args.activations)]
+    command = [sys.executable, "-m", "trillm.cli", "serve", "--port", str(port), "--parallel", str(clients),
+               "-t", str(threads)] + [part for flag, value in options if value is not None for part in (flag, str(value))]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise TrillmError(f"trillm serve exited: {server.stderr.read().strip().splitlines()[-1]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
+                    meta = json.load(response)["data"][0]["meta"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        vocab_size = meta["vocab_size"]
+        serve_round(port, 1, args.n_prompt, min(args.n_gen, 8), vocab_size, 10**6)  # warm-up
+        results = {}
+        for label, count in (("1 client", 1), (f"{clients} clients", clients)):
+            rounds = [serve_round(port, count, args.n_prompt, args.n_gen, vocab_size, r) for r in range(args.repetitions)]
+            merged = {key: [v for r in rounds for v in r[key]] for key in ("first_token_ms", "gap_ms", "latency_ms")}
+            results[label] = {
+                "clients": count,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+                "stream_decode_tokens_per_s": statistics.median(r["stream_decode_tokens_per_s"] for r in rounds),
+                **{f"{key}_p{p}": percentile(values, p / 100) for key, values in merged.items() for p in (50, 90, 99)}}
+        with open(f"/proc/{server.pid}/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    finally:
+        server.terminate()
+        server.wait(10)
+    report = {"model": args.model or "default (SmolLM2-135M-Instruct Q4_1)", "threads": threads, "parallel": clients,
+              "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
+              "server_peak_rss_mb": peak / 2**20, "runs": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"model: {report['model']}\ntrillm serve --parallel {clients}, {threads} threads; each client streams "
+          f"{args.n_gen} tokens after its own {args.n_prompt}-token prompt; medians of {args.repetitions} rounds "
+          f"(latency percentiles over all of them)\n")
+    print(f"{'clients':<12}{'total tok/s':>12}{'tok/s a stream':>16}{'first token ms p50/p90/p99':>29}"
+          f"{'between tokens ms p50/p90/p99':>32}")
+    for label, r in results.items():
+        triple = lambda key: "/".join(f"{r[f'{key}_p{p}']:.0f}" for p in (50, 90, 99))
+        print(f"{label:<12}{r['tokens_per_s']:>12.1f}{r['stream_decode_tokens_per_s']:>16.1f}"
+              f"{triple('first_token_ms'):>29}{triple('gap_ms'):>32}")
+    alone, together = results["1 client"], results[f"{clients} clients"]
+    print(f"batched decoding: {together['tokens_per_s'] / alone['tokens_per_s']:.2f}x the tokens/s of one client; "
+          f"server peak RSS {report['server_peak_rss_mb']:.0f} MB")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         engine, preset, seq_len, micro_batch, autocast = sys.argv[2:7]

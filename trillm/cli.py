@@ -310,7 +310,11 @@ def command_tokenize(args):
 def command_bench(args):
     from trillm.bench import run_bench, run_train_bench
 
-    (run_train_bench if args.train else run_bench)(args)
+    from trillm.bench import run_serve_bench
+
+    if args.train and args.serve:
+        raise TrillmError("--train and --serve are two different benchmarks: give one")
+    (run_train_bench if args.train else run_serve_bench if args.serve else run_bench)(args)
 
 
 def command_serve(args):
@@ -516,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", default=None, metavar="PRESET",
                        help="instead: training steps a second of a trillm train preset (BitNet, the same in full "
                             "precision, transformers' LLaMA of the same sizes), -r steps each")
+    bench.add_argument("--serve", type=int, default=None, metavar="N",
+                       help="instead: trillm serve --parallel N under N concurrent streaming clients, beside one "
+                            "client alone: total tokens/s and latency percentiles")
     bench.add_argument("--seq-len", type=int, default=256, help="with --train: tokens a sequence")
     bench.add_argument("--micro-batch", type=int, default=8, help="with --train: sequences a step")
     bench.add_argument("--autocast", default=None, action=argparse.BooleanOptionalAction,

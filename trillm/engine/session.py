@@ -19,11 +19,20 @@ class Session:
 
     def keep_common_prefix(self, prompt_ids: list[int]) -> int:
         """Forget the cached tokens after the longest prefix shared with the prompt, but for at least the
-        prompt's last token (it must run again for its logits); return how many are kept."""
+        prompt's last token (it must run again for its logits); return how many are kept. None are where a
+        sliding-window layer's ring no longer holds the window before the prefix's end."""
         kept = 0
         for cached, new in zip(self.tokens, prompt_ids[:-1]):
             if cached != new:
                 break
             kept += 1
+        # A ring of `slots` holds only the last `slots` positions written (models/layers.py:
+        # KVCache.update_window). Once the forgotten positions after `kept` (which the prompt writes again)
+        # reach `slots`, they have overwritten part of the window before `kept` that the prompt reads: only
+        # running the whole prompt again brings those keys back.
+        windows = getattr(self.cache, "windows", None) or []
+        rings = [keys.shape[2] for keys, window in zip(getattr(self.cache, "keys", []), windows) if window is not None]
+        if rings and len(self.tokens) - 1 >= max(kept + 1, min(rings)):
+            kept = 0
         del self.tokens[kept:]
         return kept

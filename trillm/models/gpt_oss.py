@@ -14,6 +14,7 @@ float32. Reads the Hugging Face release (`GptOssForCausalLM`) and GGUF files of 
 architecture; the name maps of both are in the loading part below.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -152,13 +153,15 @@ class MLP(nn.Module):
         self.gate_up_proj = make_experts(w["gate_up"], w["gate_up_bias"], k, *activations)
         self.down_proj = make_experts(w["down"], w["down_bias"], k, *activations)
 
-    def experts(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x, groups)
-        return self.down_proj(ops.clamped_swiglu(gate_up, self.alpha, self.limit), groups)
+    def experts(self, x: torch.Tensor, groups: torch.Tensor, decoding: bool) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, groups, decoding)
+        return self.down_proj(ops.clamped_swiglu(gate_up, self.alpha, self.limit), groups, decoding)
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
-        return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token, self.experts).view(x.shape)
+        decoding = x.shape[1] == 1  # one new token a sequence: a decode step, however many sequences
+        return mixture_of_experts(tokens, self.router(tokens), self.experts_per_token,
+                                  functools.partial(self.experts, decoding=decoding)).view(x.shape)
 
 
 def gpt_oss_block(config: GptOssConfig, w: dict, layer: int, activations: tuple[str, str]) -> Block:

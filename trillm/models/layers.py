@@ -421,6 +421,9 @@ class Transformer(nn.Module):
         list of each row's cache (KVCache.row) and `start` a list of each row's position. The matmuls then
         read each weight once for all of them; attention runs row by row over each row's own cache."""
         if isinstance(start, list):
+            if not len(cache) == len(start) == input_ids.shape[0] or input_ids.shape[1] != 1:
+                raise ValueError(f"a decode step of several sequences takes one token, one cache and one position "
+                                 f"a row: {tuple(input_ids.shape)} tokens, {len(cache)} caches, {len(start)} positions")
             positions = torch.tensor(start)
             rope = cache[0].rope[0][positions], cache[0].rope[1][positions]  # (B, 1, head_dim) each
             return self._blocks_and_head(input_ids, rope, cache, start, last_only)

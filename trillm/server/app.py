@@ -68,6 +68,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # llama-server's: generate max_tokens whatever the model says
 
     def sampling(self, choice: int) -> Sampling:
         if self.presence_penalty or self.frequency_penalty:
@@ -252,7 +253,7 @@ class Run:
                 sampling = request.sampling(choice)
             except TrillmError as error:
                 raise APIError(400, str(error)) from None
-            self.sequences.append(Sequence(prompt_ids, max_tokens, sampling, reply, send))
+            self.sequences.append(Sequence(prompt_ids, max_tokens, sampling, reply, send, request.ignore_eos))
         self.prompt_tokens = len(prompt_ids)
         self.scheduler = server.scheduler
         try:
@@ -389,7 +390,7 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{
             "id": server.model_id, "object": "model", "created": server.created, "owned_by": "trillm",
             "meta": {"chat_format": model.config.chat_format or "template", "context_length": model.max_context,
-                     "parallel": server.parallel}}]}
+                     "vocab_size": model.config.vocab_size, "parallel": server.parallel}}]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -23,8 +23,13 @@ from trillm.engine.sampling import sample_next
 from trillm.engine.stopping import find_stop, safe_prefix_len
 from trillm.errors import TrillmError
 from trillm.tokenizer import StreamDecoder
+from trillm.weights.linear import KERNEL_MAX_TOKENS
 
 log = logging.getLogger("trillm.server")
+
+# Sequences a decode step runs together: up to the kernels' own token loops, whose arithmetic for a row does
+# not depend on how many rows there are (beyond it, matmuls of decoded weights would round differently).
+MAX_BATCH = KERNEL_MAX_TOKENS
 
 
 class QueueFull(TrillmError):
@@ -98,9 +103,10 @@ class Sequence:
     completion_tokens) or ("error", message)."""
 
     def __init__(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, reply: TextReply,
-                 send: Callable[[tuple], None]):
+                 send: Callable[[tuple], None], ignore_eos: bool = False):
         self.prompt_ids, self.max_tokens, self.sampling, self.reply, self.send = \
             prompt_ids, max_tokens, sampling, reply, send
+        self.ignore_eos = ignore_eos  # generate max_tokens whatever the model says (benchmarks)
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.history = list(prompt_ids)  # for the repetition penalty
         self.generated = 0
@@ -254,8 +260,10 @@ class Scheduler:
                 self.finish(slot, sequence, None, outcome="cancelled")
             else:
                 live.append((slot, sequence))
-        if not live:
-            return
+        for first in range(0, len(live), MAX_BATCH):
+            self.decode(live[first:first + MAX_BATCH])
+
+    def decode(self, live):
         begun = time.perf_counter()
         sessions = [sequence.session for _, sequence in live]
         if len(live) == 1:  # one sequence: its decode plan, one native call a token
@@ -274,7 +282,7 @@ class Scheduler:
     def advance(self, slot: int, sequence: Sequence, logits: torch.Tensor):
         """Sample the sequence's next token from its logits: send its text, or end it."""
         token = sample_next(logits, sequence.sampling, sequence.generator, sequence.previous_tokens())
-        if token in self.model.stop_ids:
+        if token in self.model.stop_ids and not sequence.ignore_eos:
             return self.end(slot, sequence, "stop", token)
         sequence.generated += 1
         self.metrics.generated_tokens.inc()

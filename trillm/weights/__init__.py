@@ -144,8 +144,8 @@ class InterleavedExperts(nn.Module):
             raise ValueError(f"interleaved experts come as two banks (gate and up), not {len(parts)}")
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        return ops.interleave(self.parts[0](x, groups), self.parts[1](x, groups))
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        return ops.interleave(self.parts[0](x, groups, decoding), self.parts[1](x, groups, decoding))
 
 
 def weight_bytes_per_token(network: nn.Module) -> int:

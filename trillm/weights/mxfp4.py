@@ -121,7 +121,9 @@ class MXFP4Experts(nn.Module):
     a layer's tokens are routed to. A decode step reads `experts_per_token` of them.
 
     `activations` (see ACTIVATIONS) is what x is rounded to first; `prompt_activations` (None: the same)
-    for calls of PROMPT_ROWS_PER_EXPERT rows or more an expert. int8 is about twice as fast as float32 (whose
+    for a prompt's calls of PROMPT_ROWS_PER_EXPERT rows or more an expert (`decoding`: a decode step's, one
+    new token a sequence, however many sequences run at once, always take `activations`, so that a
+    sequence gets the same logits in a batch as alone). int8 is about twice as fast as float32 (whose
     kernel is compute-bound), bf16 a prompt's 1.3-1.5x faster than int8 again, at the cost of that rounding."""
 
     def __init__(self, weight: MXFP4Tensor, bias: torch.Tensor | None, experts_per_token: int,
@@ -153,13 +155,13 @@ class MXFP4Experts(nn.Module):
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, decoding: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.in_features:  # the kernel would read past x
             raise ValueError(f"input has {x.shape[-1]} features, this bank takes {self.in_features}")
         x = x.float().contiguous()
         groups = groups.to(torch.int64).contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        prompt = x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
+        prompt = not decoding and x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
         matmul = self._matmuls[self.prompt_activations if prompt else self.activations]
         if call(matmul, groups.data_ptr(), groups.shape[0], x.data_ptr(), x.shape[0], y.data_ptr()):
             raise ValueError(f"expert groups {groups.tolist()} for {x.shape[0]} rows: this bank has experts "
@@ -183,8 +185,8 @@ class ReferenceMXFP4Experts(nn.Module):
         self.stored_bytes = stored_bytes(weight)
         self.bytes_per_token = self.stored_bytes * experts_per_token // self.num_experts
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        prompt = x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        prompt = not decoding and x.shape[0] >= PROMPT_ROWS_PER_EXPERT * groups.shape[0]
         activations = self.prompt_activations if prompt else self.activations
         outputs, first = [], 0
         for expert, count in groups.tolist():
