@@ -95,6 +95,14 @@ def test_completions_continue_the_prompt_streamed_or_not(client, served, model):
     assert ids.choices[0].text == whole.choices[0].text
 
 
+def test_a_long_prompt_runs_in_pieces_between_decode_steps(client, served, model):
+    _, server = served
+    prompt = "The quick brown fox jumps over the lazy dog. " * 40  # ~400 tokens: two pieces
+    assert len(model.encode_prompt(prompt)) > 256
+    reply = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == model.generate(prompt, 8, Sampling(temperature=0))
+
+
 def test_a_stop_string_ends_the_reply_before_it(client, served):
     _, server = served
     full = client.completions.create(model=server.model_id, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)

@@ -30,6 +30,8 @@ log = logging.getLogger("trillm.server")
 # Sequences a decode step runs together: up to the kernels' own token loops, whose arithmetic for a row does
 # not depend on how many rows there are (beyond it, matmuls of decoded weights would round differently).
 MAX_BATCH = KERNEL_MAX_TOKENS
+# Prompt tokens run between two decode steps (a longer prompt runs in pieces of this many).
+PROMPT_CHUNK = 256
 
 
 class QueueFull(TrillmError):
@@ -111,6 +113,7 @@ class Sequence:
         self.history = list(prompt_ids)  # for the repetition penalty
         self.generated = 0
         self.session: Session | None = None  # its slot's, while it runs
+        self.pending: list[int] = []  # prompt tokens still to run
         self.next_token: int | None = None  # sampled, to be run at the next step
         self.cancelled = False  # set by the handler when its client went away
 
@@ -171,7 +174,8 @@ class Scheduler:
         self.sessions = [Session(cache=cache.row(slot)) for slot in range(parallel)]
         self.free = list(range(parallel))
         self.waiting: deque[Sequence] = deque()
-        self.running: list[tuple[int, Sequence]] = []  # (slot, sequence)
+        self.prompting: list[tuple[int, Sequence]] = []  # (slot, sequence) whose prompt is running, in order
+        self.running: list[tuple[int, Sequence]] = []  # (slot, sequence) generating
         self.wake = threading.Condition()
         self.metrics = Metrics()
         self.metrics.slots.set(parallel)
@@ -193,14 +197,14 @@ class Scheduler:
 
     def idle(self) -> bool:
         with self.wake:
-            return not self.waiting and not self.running and len(self.free) == self.parallel
+            return not (self.waiting or self.prompting or self.running) and len(self.free) == self.parallel
 
     def loop(self):
         if self.threads:
             torch.set_num_threads(self.threads)  # torch's setting is this thread's own
         while True:
             with self.wake:
-                while not self.waiting and not self.running:
+                while not (self.waiting or self.prompting or self.running):
                     self.wake.wait()
                 admitted = []
                 while self.waiting and len(self.free) > len(admitted):
@@ -209,6 +213,8 @@ class Scheduler:
             with torch.inference_mode():
                 for sequence in admitted:
                     self.guarded([self.pick_slot(sequence)], self.begin)
+                if self.prompting:  # one piece of the oldest prompt between two decode steps
+                    self.guarded(self.prompting[:1], self.prompt_chunk)
                 if self.running:
                     self.guarded(self.running, self.step)
             self.metrics.active.set(len(self.running))
@@ -239,18 +245,27 @@ class Scheduler:
         return slot, sequence
 
     def begin(self, batch):
-        """Run a new sequence's prompt in its slot (what the slot does not already hold) and take its first
-        token."""
+        """A new sequence takes its slot: its prompt, but for what the slot already holds, is to run."""
+        [(slot, sequence)] = batch
+        session = sequence.session = self.sessions[slot]
+        sequence.pending = sequence.prompt_ids[session.keep_common_prefix(sequence.prompt_ids):]
+        self.prompting.append((slot, sequence))
+
+    def prompt_chunk(self, batch):
+        """Run the next PROMPT_CHUNK tokens of a sequence's prompt; after the last, take its first token.
+        Running prompts by pieces keeps the other sequences' tokens coming while a long one runs; where the
+        pieces fall depends on the prompt and what the slot held alone, not on the other sequences."""
         [(slot, sequence)] = batch
         if sequence.cancelled:
             return self.finish(slot, sequence, None, outcome="cancelled")
-        session = sequence.session = self.sessions[slot]
+        piece, sequence.pending = sequence.pending[:PROMPT_CHUNK], sequence.pending[PROMPT_CHUNK:]
         begun = time.perf_counter()
-        kept = session.keep_common_prefix(sequence.prompt_ids)
-        logits = prefill(self.network, session, sequence.prompt_ids[kept:])
-        self.metrics.ran_prompt(len(sequence.prompt_ids) - kept, time.perf_counter() - begun)
-        self.running.append((slot, sequence))
-        self.advance(slot, sequence, logits)
+        logits = prefill(self.network, sequence.session, piece)
+        self.metrics.ran_prompt(len(piece), time.perf_counter() - begun)
+        if not sequence.pending:
+            self.prompting.remove((slot, sequence))
+            self.running.append((slot, sequence))
+            self.advance(slot, sequence, logits)
 
     def step(self, batch):
         """One decode step: each running sequence's last token through the model, all in one forward."""
@@ -307,6 +322,7 @@ class Scheduler:
 
     def finish(self, slot: int, sequence: Sequence, event: tuple | None, outcome: str):
         """Free the sequence's slot (its cache stays, for a prompt that continues it) and send its last event."""
+        self.prompting = [(s, q) for s, q in self.prompting if q is not sequence]
         self.running = [(s, q) for s, q in self.running if q is not sequence]
         with self.wake:
             self.free.append(slot)
