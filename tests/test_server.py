@@ -6,6 +6,8 @@ with no cross-talk."""
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -287,6 +289,18 @@ def test_a_full_queue_answers_503_with_retry_after(model):
             assert status == 503 and headers.get("retry-after") and answer["error"]["type"] == "unavailable_error"
             gate.set()
             assert busy.result()[0] == waiting.result()[0] == 200
+
+
+def test_the_command_fails_in_one_line(served, tmp_path):
+    """A model that cannot load, a port already taken: exit 1 with one error line, not a traceback."""
+    url, _ = served
+    port = url.rsplit(":", 1)[1]
+    for arguments, error in ((["-m", str(tmp_path / "missing"), "--port", "0"], "no such file or folder"),
+                             (["--port", port], f"cannot listen on 127.0.0.1:{port}")):
+        done = subprocess.run([sys.executable, "-m", "trillm.cli", "serve", *arguments], capture_output=True,
+                              text=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        assert done.returncode == 1 and len(errors) == 1 and error in errors[0], done.stderr
 
 
 # ---- Load ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+import socket
 import sys
 import typing
 from pathlib import Path
@@ -334,11 +335,18 @@ def command_serve(args):
         http.should_exit = True
 
     server = Server(lambda: trillm_load(args), args.parallel, args.queue, args.api_key, args.alias, failed, threads)
-    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
-                                         timeout_graceful_shutdown=2))
-    note(f"trillm: serving http://{args.host}:{args.port}/ (the chat page; the API under /v1); the model loads "
+    http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2))
+    try:  # bound here, so that a taken port is told in one line
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((args.host, args.port))
+    except OSError as error:
+        raise TrillmError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    port = listening.getsockname()[1]
+    note(f"trillm: serving http://{args.host}:{port}/ (the chat page; the API under /v1); the model loads "
          f"now, /health answers 200 once it is ready")
-    http.run()
+    http.run(sockets=[listening])
     if failures:
         raise TrillmError(failures[0])
 

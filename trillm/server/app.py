@@ -154,9 +154,10 @@ class Server:
         except Exception as error:  # noqa: BLE001 - any failure is told in one line, not a traceback
             self.load_error = str(error) if isinstance(error, TrillmError) else \
                 f"internal error (a bug in trillm): {type(error).__name__}: {error}"
-            log.error("trillm: error: %s", self.load_error)
             if self.on_load_failure:
                 self.on_load_failure(self.load_error)
+            else:
+                log.error("trillm: error: %s", self.load_error)
             return
         self.model_id = self.alias or Path(model.source).name
         scheduler.start()
