@@ -237,6 +237,24 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
         raise ChatTemplateError(f"chat template error{where}: {message}") from error
 
 
+def message_text(message: dict, where: str, required: bool = True) -> str:
+    """An OpenAI chat message's content: a string, or its list of text parts, joined; `where` names the
+    message in an error."""
+    content = message.get("content")
+    if content is None and not required:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise TrillmError(f'{where}: only text content is supported (a string, or {{"type": "text", "text"}} '
+                              f'parts)')
+        return "".join(part["text"] for part in content)
+    raise TrillmError(f"{where}: a {message['role']} message's content must be a string or a list of text parts, "
+                      f"not {type(content).__name__}")
+
+
 class Conversation:
     """A chat so far: an optional system prompt, then the user's and the assistant's turns."""
 

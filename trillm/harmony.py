@@ -23,6 +23,7 @@ import re
 from datetime import date
 from pathlib import Path
 
+from trillm.chat import message_text
 from trillm.errors import CheckpointError, TrillmError
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -73,13 +74,13 @@ class Harmony:
             role = message.get("role") if isinstance(message, dict) else None
             if role in ("system", "developer"):
                 rendered.append(h.Message.from_role_and_content(
-                    h.Role.DEVELOPER, h.DeveloperContent.new().with_instructions(text_of(message, where))))
+                    h.Role.DEVELOPER, h.DeveloperContent.new().with_instructions(message_text(message, where))))
             elif role == "user":
-                rendered.append(h.Message.from_role_and_content(h.Role.USER, text_of(message, where)))
+                rendered.append(h.Message.from_role_and_content(h.Role.USER, message_text(message, where)))
             elif role == "assistant" and message.get("tool_calls"):
                 rendered += call_messages(h, message, where, call_names)
             elif role == "assistant":
-                rendered.append(h.Message.from_role_and_content(h.Role.ASSISTANT, text_of(message, where))
+                rendered.append(h.Message.from_role_and_content(h.Role.ASSISTANT, message_text(message, where))
                                 .with_channel("final"))
             elif role == "tool":
                 call_id = message.get("tool_call_id")
@@ -87,7 +88,7 @@ class Harmony:
                     raise TrillmError(f"{where}: a tool result for tool call {call_id!r}, which no earlier assistant "
                                       f"message made")
                 author = h.Author.new(h.Role.TOOL, f"functions.{call_names[call_id]}")
-                rendered.append(h.Message.from_author_and_content(author, text_of(message, where))
+                rendered.append(h.Message.from_author_and_content(author, message_text(message, where))
                                 .with_recipient("assistant").with_channel("commentary"))
             else:
                 raise TrillmError(f"{where}: a harmony conversation has no role {role!r} "
@@ -140,28 +141,11 @@ class ReplyParser:
                 if (recipient or "").startswith("functions.")]
 
 
-def text_of(message: dict, where: str, required: bool = True) -> str:
-    """A message's content: a string, or OpenAI's list of text parts, joined."""
-    content = message.get("content")
-    if content is None and not required:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                   for part in content):
-            raise TrillmError(f'{where}: only text content is supported (a string, or {{"type": "text", "text"}} '
-                              f'parts)')
-        return "".join(part["text"] for part in content)
-    raise TrillmError(f"{where}: a {message['role']} message's content must be a string or a list of text parts, "
-                      f"not {type(content).__name__}")
-
-
 def call_messages(h, message: dict, where: str, call_names: dict) -> list:
     """An assistant message's tool calls as harmony's calls, each to its function on the commentary channel,
     its arguments constrained to JSON, their names noted in call_names by id. Content beside them is a
     preamble, which harmony says on the commentary channel too (the final channel would end the turn)."""
-    content = text_of(message, where, required=False)
+    content = message_text(message, where, required=False)
     rendered = [h.Message.from_role_and_content(h.Role.ASSISTANT, content).with_channel("commentary")] \
         if content else []
     calls = message["tool_calls"]

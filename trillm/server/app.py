@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from trillm.chat import render_chat
+from trillm.chat import message_text, render_chat
 from trillm.engine import Sampling
 from trillm.errors import TrillmError
 from trillm.harmony import REASONING_EFFORTS
@@ -178,15 +178,6 @@ class Server:
 
 # ---- Prompts --------------------------------------------------------------------------------------------
 
-def text_of(content) -> str:
-    """A message's content: a string, or OpenAI's list of parts of which only text ones are taken."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(part.get("text", "")) for part in content)
-    raise APIError(400, "a message's content must be a string or a list of text parts (only text is supported)")
-
-
 def chat_prompt(model, request: ChatRequest) -> list[int]:
     tools = request.tools if request.tool_choice != "none" else None
     if request.tool_choice not in (None, "auto", "none"):
@@ -197,10 +188,10 @@ def chat_prompt(model, request: ChatRequest) -> list[int]:
     if tools:
         raise APIError(400, "tools are supported for gpt-oss (harmony) models only")
     messages = []
-    for message in request.messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, "each message must be an object with a string role")
-        messages.append({**message, "content": text_of(message.get("content"))})
+    for index, message in enumerate(request.messages):
+        if not isinstance(message.get("role"), str):
+            raise APIError(400, f"messages[{index}]: each message must have a string role")
+        messages.append({**message, "content": message_text(message, f"messages[{index}]", required=False)})
     tokenizer = model.require_tokenizer()
     text = render_chat(tokenizer.chat_template, messages, add_generation_prompt=True,
                        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
@@ -397,7 +388,7 @@ def create_app(server: Server) -> FastAPI:
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
         tokenizer = server.ready().require_tokenizer()
-        ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
+        ids = await asyncio.to_thread(tokenizer.encode, body.content, add_special_tokens=body.add_special)
         if not body.with_pieces:
             return {"tokens": ids}
         return {"tokens": [{"id": i, "piece": tokenizer.decode([i], skip_special_tokens=False)} for i in ids]}
@@ -423,7 +414,8 @@ def create_app(server: Server) -> FastAPI:
         model = server.ready()
         server.check_model(body.model)
         harmony = model.config.chat_format == "harmony"
-        run = Run(server, model, body, chat_prompt(model, body), harmony)
+        # Rendering and tokenizing run beside the event loop, which keeps streaming the other replies meanwhile.
+        run = Run(server, model, body, await asyncio.to_thread(chat_prompt, model, body), harmony)
         identity = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_id}
         if body.stream:
             return StreamingResponse(chat_stream(run, identity, body.include_usage()), media_type="text/event-stream",
@@ -441,7 +433,7 @@ def create_app(server: Server) -> FastAPI:
         body = await parse(request, CompletionRequest)
         model = server.ready()
         server.check_model(body.model)
-        run = Run(server, model, body, completion_prompt(model, body), harmony=False)
+        run = Run(server, model, body, await asyncio.to_thread(completion_prompt, model, body), harmony=False)
         identity = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_id}
         if body.stream:
             return StreamingResponse(completion_stream(run, identity, body.include_usage()),
