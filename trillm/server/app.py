@@ -31,6 +31,7 @@ log = logging.getLogger("trillm.server")
 MAX_BODY_BYTES = 8 * 2**20  # a request's JSON body; a longer one is refused unread (413)
 MAX_CHOICES = 8  # `n`: completions one request may ask for
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000  # each is matched against the reply's tail at every token
 RETRY_AFTER_SECONDS = "1"
 
 
@@ -61,10 +62,10 @@ class SamplingFields(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # llama-server's name
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63 - MAX_CHOICES)  # torch's generator takes 64 bits
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict | None = None
@@ -81,8 +82,9 @@ class SamplingFields(BaseModel):
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", code="invalid_stop")
+        if len(stop) > MAX_STOP_STRINGS or any(len(text) > MAX_STOP_CHARS for text in stop):
+            raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters",
+                           code="invalid_stop")
         return [text for text in stop if text]
 
     def include_usage(self) -> bool:
