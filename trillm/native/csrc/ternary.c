@@ -27,7 +27,9 @@
  * halves of a tile (64 bytes) a step, rather than all four codes for 3 tokens, one half (32 bytes) a
  * step: that spilled 10 of its 12 sums to the stack and read each cache line twice. Forced on one Zen 4
  * core, 6912 x 2560 at 128 tokens: 87-98 -> 117-125 G MACs/s; at 8 tokens 70 -> 105-122. One token keeps
- * all four codes of a half at once (fewer instructions a byte; decoding waits on memory anyway). Tried on
+ * all four codes of both halves at once (8 sums): one pass over each cache line, where a pass a half
+ * read each line twice and streamed 14.6-19.8 GB/s of weights on 2 cores against 20.3-28.5 (13824 x
+ * 2560, interleaved runs; AVX-512: 20-31). Tried on
  * AVX2 and dropped: bitnet.cpp's order, the checkpoint's bytes as they are (lanes over 32 columns of a
  * packed row, activations as maddubs' memory operand, no broadcasts, 9 tokens a pass): the same ~125 G
  * MACs/s a core, about one maddubs a cycle, which both kernels reach. Plain C row by row. Which one a
@@ -228,29 +230,36 @@ static ALWAYS_INLINE void avx2_store(const struct ternary_job *job, int64_t b, i
         _mm256_maskstore_ps(job->y + t * job->rows + row, valid, y);
 }
 
-/* Half h of block b (packed rows 16b + 8h ..) for token t, all four codes at once. */
-static ALWAYS_INLINE void avx2_half_one_token(const struct ternary_job *job, int64_t b, int h, int64_t t) {
-    const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES + 32 * h;
+/* Block b (both halves) for token t, all four codes of a tile at once: one pass over the block's bytes,
+ * each cache line read whole once (8 int16 sums, 16 registers in all). */
+static ALWAYS_INLINE void avx2_block_one_token(const struct ternary_job *job, int64_t b, int64_t t) {
+    const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[4], partial[4];
-    for (int i = 0; i < 4; i++)
-        acc[i] = _mm256_setzero_si256();
+    __m256i acc[2][4], partial[2][4];
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++)
+            acc[h][i] = _mm256_setzero_si256();
     for (int64_t g0 = 0; g0 < job->groups; g0 += INT16_GROUPS) {
         const int64_t g1 = g0 + INT16_GROUPS < job->groups ? g0 + INT16_GROUPS : job->groups;
-        for (int i = 0; i < 4; i++)
-            partial[i] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++)
+                partial[h][i] = _mm256_setzero_si256();
         for (int64_t g = g0; g < g1; g++) {
             _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
-            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES));
             const __m256i x = _mm256_set1_epi32(four_activations(job, t, g));
-            for (int i = 0; i < 4; i++)
-                partial[i] = add_maddubs(partial[i], _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three), x);
+            for (int h = 0; h < 2; h++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES + 32 * h));
+                for (int i = 0; i < 4; i++)
+                    partial[h][i] = add_maddubs(partial[h][i], _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three), x);
+            }
         }
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(partial[i], ones));
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++)
+                acc[h][i] = _mm256_add_epi32(acc[h][i], _mm256_madd_epi16(partial[h][i], ones));
     }
-    for (int i = 0; i < 4; i++)
-        avx2_store(job, b, h, i, t, acc[i]);
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++)
+            avx2_store(job, b, h, i, t, acc[h][i]);
 }
 
 /* Block b (both halves) for tokens t0..t0+nt-1, nt <= AVX2_PASS_TOKENS, one code at a time over a run of
@@ -299,7 +308,7 @@ static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
         for (int64_t t = 0; t < job->tokens;) {
             const int nt = pass_tokens(job->tokens - t, AVX2_PASS_TOKENS);
             switch (nt) { /* the token count a constant, so the sums live in registers */
-            case 1: avx2_half_one_token(job, b, 0, t); avx2_half_one_token(job, b, 1, t); break;
+            case 1: avx2_block_one_token(job, b, t); break;
             case 2: avx2_block_many(job, b, t, 2); break;
             case 3: avx2_block_many(job, b, t, 3); break;
             case 4: avx2_block_many(job, b, t, 4); break;
