@@ -130,7 +130,7 @@ class Metrics:
         disable_created_metrics()  # the *_created series say when a counter was made: noise here
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("trillm_requests", "completion requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("trillm_requests", "completions (one a choice) by outcome", ["outcome"], registry=r)
         for outcome in ("completed", "cancelled", "rejected", "error"):
             self.requests.labels(outcome)  # each shown from the start, at 0
         self.prompt_tokens = Counter("trillm_prompt_tokens", "prompt tokens run (cached ones not counted)", registry=r)
