@@ -83,6 +83,40 @@ def test_bench_runs_engines_one_after_another_when_they_would_not_fit(monkeypatc
     assert report["sequential"] is True and set(report["engines"]) == {"trillm", "transformers"}
 
 
+FAKE_LLAMA_SERVER = """#!{python}
+# Stands in for llama.cpp's llama-server: checks the arguments trillm passes, then serves with trillm serve.
+import sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+assert value("-m").endswith(".gguf") and value("--host") == "127.0.0.1" and "--no-webui" in args, args
+assert int(value("-c")) == int(value("-np")) * (8 + 4 + 64), args  # each slot: prompt, reply and room
+from trillm.cli import main
+sys.exit(main(["serve", "-m", value("-m"), "--port", value("--port"), "--parallel", value("-np"), "-t", value("-t")]))
+"""
+
+
+def test_bench_serve_reports_one_client_and_many_beside_llama_server(tmp_path, capsys):
+    """trillm serve under 1 and then N streaming clients, a llama-server (a stand-in that answers as one)
+    taking turns with it on the same GGUF."""
+    from trillm import bench
+    from trillm.cli import build_parser
+    from trillm.errors import TrillmError
+
+    binary = tmp_path / "llama-server"
+    binary.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable))
+    binary.chmod(0o755)
+    bench.run_serve_bench(build_parser().parse_args(["bench", "--serve", "2", "-p", "8", "-n", "4", "-r", "1", "-t",
+                                                     "1", "--json", "--compare", "llama-server", str(binary)]))
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["runs"]) == {"trillm serve", "llama-server"} and report["parallel"] == 2
+    for runs in report["runs"].values():
+        assert set(runs) == {"1 client", "2 clients"}
+        assert all(r["tokens_per_s"] > 0 and r["first_token_ms_p50"] > 0 for r in runs.values())
+    assert all(peak > 0 for peak in report["peak_rss_mb"].values())
+    with pytest.raises(TrillmError, match="--compare takes llama-server BINARY"):
+        bench.run_serve_bench(build_parser().parse_args(["bench", "--serve", "2", "--compare", "transformers"]))
+
+
 def test_model_commands_take_every_head_format():
     from trillm.cli import build_parser
     from trillm.weights.head import HEAD_FORMATS

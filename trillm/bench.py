@@ -534,7 +534,8 @@ def stream_completion(port: int, prompt: list[int], n_gen: int) -> dict:
         elif chunk["choices"] and chunk["choices"][0]["text"]:
             events.append(time.perf_counter())
     connection.close()
-    return {"sent": sent, "events": events, "ended": time.perf_counter(), "tokens": tokens}
+    # Without a usage chunk (a server that sends none), ignore_eos made it n_gen tokens.
+    return {"sent": sent, "events": events, "ended": time.perf_counter(), "tokens": tokens or n_gen}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -559,67 +560,116 @@ def serve_round(port: int, clients: int, n_prompt: int, n_gen: int, vocab_size: 
             "gap_ms": gaps, "latency_ms": [(s["ended"] - s["sent"]) * 1e3 for s in streams]}
 
 
-def run_serve_bench(args):
+def free_port() -> int:
     import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(name: str, command: list[str], port: int) -> tuple[subprocess.Popen, dict]:
+    """A server process, once its /v1/models answers; (the process, its first model's entry)."""
     import urllib.request
 
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        if server.poll() is not None:
+            last = (server.stderr.read().strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise TrillmError(f"{name} exited: {last}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
+                return server, json.load(response)["data"][0]
+        except OSError:  # not listening yet, or 503 while it loads
+            time.sleep(0.2)
+
+
+def peak_rss(process: subprocess.Popen) -> int:
+    with open(f"/proc/{process.pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def serve_commands(args, clients: int, threads: int) -> dict[str, tuple[list[str], int]]:
+    """Each server to measure: its command line and port. trillm serve, and llama.cpp's llama-server (with
+    `--compare llama-server BINARY`) on the same GGUF with as many slots of as much context."""
+    port = free_port()
+    options = [("-m", args.model), ("-c", args.ctx_size), ("--head", args.head), ("--dense", args.dense),
+               ("--expert-activations", args.expert_activations), ("--activations", args.activations)]
+    servers = {"trillm serve": ([sys.executable, "-m", "trillm.cli", "serve", "--port", str(port), "--parallel",
+                                 str(clients), "-t", str(threads)]
+                                + [part for flag, value in options if value is not None for part in (flag, str(value))],
+                                port)}
+    for compare in args.compare:
+        if compare[0] != "llama-server" or len(compare) != 2:
+            raise TrillmError("with --serve, --compare takes llama-server BINARY (llama.cpp's server)")
+        from trillm.checkpoint import resolve_source
+
+        gguf = str(resolve_source(args.model))
+        if not gguf.endswith(".gguf"):
+            raise TrillmError(f"--compare llama-server: {gguf} is not a GGUF file (llama-server reads only those)")
+        port = free_port()
+        slot_context = args.ctx_size or args.n_prompt + args.n_gen + 64
+        servers["llama-server"] = ([compare[1], "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np",
+                                    str(clients), "-c", str(slot_context * clients), "-t", str(threads),
+                                    "--no-webui"], port)
+    return servers
+
+
+def run_serve_bench(args):
     clients, threads = args.serve, args.threads or os.cpu_count()
     for name in ("n_prompt", "n_gen", "repetitions", "serve"):
         if getattr(args, name) < 1:
             raise TrillmError(f"invalid --{name.replace('_', '-')}: must be >= 1")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    options = [("-m", args.model), ("-c", args.ctx_size), ("--head", args.head), ("--dense", args.dense),
-               ("--expert-activations", args.expert_activations), ("--activations", args.activations)]
-    command = [sys.executable, "-m", "trillm.cli", "serve", "--port", str(port), "--parallel", str(clients),
-               "-t", str(threads)] + [part for flag, value in options if value is not None for part in (flag, str(value))]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    commands = serve_commands(args, clients, threads)
+    servers = {}
     try:
-        while True:
-            if server.poll() is not None:
-                raise TrillmError(f"trillm serve exited: {server.stderr.read().strip().splitlines()[-1]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
-                    meta = json.load(response)["data"][0]["meta"]
-                break
-            except OSError:
-                time.sleep(0.2)
-        vocab_size = meta["vocab_size"]
-        serve_round(port, 1, args.n_prompt, min(args.n_gen, 8), vocab_size, 10**6)  # warm-up
-        results = {}
+        for name, (command, port) in commands.items():
+            servers[name] = start_server(name, command, port)
+        vocab_size = servers["trillm serve"][1]["meta"]["vocab_size"]
+        for name, (command, port) in commands.items():
+            serve_round(port, 1, args.n_prompt, min(args.n_gen, 8), vocab_size, 10**6)  # warm-up
+        results = {name: {} for name in commands}
         for label, count in (("1 client", 1), (f"{clients} clients", clients)):
-            rounds = [serve_round(port, count, args.n_prompt, args.n_gen, vocab_size, r) for r in range(args.repetitions)]
-            merged = {key: [v for r in rounds for v in r[key]] for key in ("first_token_ms", "gap_ms", "latency_ms")}
-            results[label] = {
-                "clients": count,
-                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
-                "stream_decode_tokens_per_s": statistics.median(r["stream_decode_tokens_per_s"] for r in rounds),
-                **{f"{key}_p{p}": percentile(values, p / 100) for key, values in merged.items() for p in (50, 90, 99)}}
-        with open(f"/proc/{server.pid}/status") as status:
-            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+            rounds = {name: [] for name in commands}
+            for r in range(args.repetitions):  # the servers take turns, round by round
+                for name, (command, port) in commands.items():
+                    rounds[name].append(serve_round(port, count, args.n_prompt, args.n_gen, vocab_size, r))
+            for name, done in rounds.items():
+                merged = {key: [v for r in done for v in r[key]] for key in ("first_token_ms", "gap_ms", "latency_ms")}
+                results[name][label] = {
+                    "clients": count,
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in done),
+                    "stream_decode_tokens_per_s": statistics.median(r["stream_decode_tokens_per_s"] for r in done),
+                    **{f"{key}_p{p}": percentile(values, p / 100) for key, values in merged.items() for p in (50, 90, 99)}}
+        peaks = {name: peak_rss(process) / 2**20 for name, (process, _) in servers.items()}
     finally:
-        server.terminate()
-        server.wait(10)
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(10)
     report = {"model": args.model or "default (SmolLM2-135M-Instruct Q4_1)", "threads": threads, "parallel": clients,
               "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
-              "server_peak_rss_mb": peak / 2**20, "runs": results}
+              "peak_rss_mb": peaks, "runs": results}
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"model: {report['model']}\ntrillm serve --parallel {clients}, {threads} threads; each client streams "
-          f"{args.n_gen} tokens after its own {args.n_prompt}-token prompt; medians of {args.repetitions} rounds "
-          f"(latency percentiles over all of them)\n")
-    print(f"{'clients':<12}{'total tok/s':>12}{'tok/s a stream':>16}{'first token ms p50/p90/p99':>29}"
-          f"{'between tokens ms p50/p90/p99':>32}")
-    for label, r in results.items():
-        triple = lambda key: "/".join(f"{r[f'{key}_p{p}']:.0f}" for p in (50, 90, 99))
-        print(f"{label:<12}{r['tokens_per_s']:>12.1f}{r['stream_decode_tokens_per_s']:>16.1f}"
-              f"{triple('first_token_ms'):>29}{triple('gap_ms'):>32}")
-    alone, together = results["1 client"], results[f"{clients} clients"]
-    print(f"batched decoding: {together['tokens_per_s'] / alone['tokens_per_s']:.2f}x the tokens/s of one client; "
-          f"server peak RSS {report['server_peak_rss_mb']:.0f} MB")
-
+    print(f"model: {report['model']}\n--parallel {clients} slots, {threads} threads; each client streams {args.n_gen} "
+          f"tokens after its own {args.n_prompt}-token prompt; medians of {args.repetitions} rounds, the servers "
+          f"taking turns (latency percentiles over all of them)\n")
+    print(f"{'server':<14}{'clients':<12}{'total tok/s':>12}{'tok/s a stream':>16}{'first token ms p50/p90/p99':>29}"
+          f"{'between tokens ms p50/p90/p99':>32}{'peak RSS MB':>13}")
+    for name, runs in results.items():
+        for label, r in runs.items():
+            triple = lambda key: "/".join(f"{r[f'{key}_p{p}']:.0f}" for p in (50, 90, 99))
+            print(f"{name:<14}{label:<12}{r['tokens_per_s']:>12.1f}{r['stream_decode_tokens_per_s']:>16.1f}"
+                  f"{triple('first_token_ms'):>29}{triple('gap_ms'):>32}{peaks[name]:>13.0f}")
+    together = f"{clients} clients"
+    ours = results["trillm serve"]
+    print(f"trillm serve, batched: {ours[together]['tokens_per_s'] / ours['1 client']['tokens_per_s']:.2f}x the "
+          f"tokens/s of one client")
+    if "llama-server" in results:
+        theirs = results["llama-server"]
+        print(f"trillm serve vs llama-server: " + ", ".join(
+            f"{label} {ours[label]['tokens_per_s'] / theirs[label]['tokens_per_s']:.2f}x" for label in ours))
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":

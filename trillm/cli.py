@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", action="append", default=[], nargs="+", metavar="ENGINE [PATH]",
                        help="measure a reference in the same run: transformers or llama.cpp (llama-cpp-python) on "
                             "the same model, llama.cpp LLAMA_BENCH [GGUF] (a llama-bench binary, on the model's "
-                            "GGUF or the one given), bitnet.cpp LLAMA_BENCH GGUF (bitnet.cpp's, on its I2_S file)")
+                            "GGUF or the one given), bitnet.cpp LLAMA_BENCH GGUF (bitnet.cpp's, on its I2_S file); "
+                            "with --serve: llama-server BINARY (llama.cpp's server, on the model's GGUF)")
     bench.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
                        help="dtype transformers computes in with --compare transformers")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
