@@ -569,13 +569,20 @@ def free_port() -> int:
 
 
 def start_server(name: str, command: list[str], port: int) -> tuple[subprocess.Popen, dict]:
-    """A server process, once its /v1/models answers; (the process, its first model's entry)."""
+    """A server process, once its /v1/models answers; (the process, its first model's entry). Its stderr
+    goes to a file: a pipe nobody reads would fill and stall a server that logs every request. llama-server
+    runs without the OMP_WAIT_POLICY=PASSIVE that importing trillm set here: ggml's OpenMP threads wait
+    between the ops of a graph by spinning, and asleep it decodes 3x slower (as Worker does for llama.cpp)."""
+    import tempfile
     import urllib.request
 
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    env = {key: value for key, value in os.environ.items() if name == "trillm serve" or key != "OMP_WAIT_POLICY"}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env, text=True)
     while True:
         if server.poll() is not None:
-            last = (server.stderr.read().strip().splitlines() or ["(nothing on stderr)"])[-1]
+            log.seek(0)
+            last = (log.read().strip().splitlines() or ["(nothing on stderr)"])[-1]
             raise TrillmError(f"{name} exited: {last}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
