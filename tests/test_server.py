@@ -295,11 +295,13 @@ def test_a_full_queue_answers_503_with_retry_after(model):
 
 
 def test_the_command_fails_in_one_line(served, tmp_path):
-    """A model that cannot load, a port already taken: exit 1 with one error line, not a traceback."""
+    """A model that cannot load, a port already taken, slots that cannot fit in memory: exit 1 with one error
+    line, not a traceback."""
     url, _ = served
     port = url.rsplit(":", 1)[1]
     for arguments, error in ((["-m", str(tmp_path / "missing"), "--port", "0"], "no such file or folder"),
-                             (["--port", port], f"cannot listen on 127.0.0.1:{port}")):
+                             (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+                             (["--port", "0", "--parallel", "100000"], "lower -c/--ctx-size or --parallel")):
         done = subprocess.run([sys.executable, "-m", "trillm.cli", "serve", *arguments], capture_output=True,
                               text=True, timeout=120)
         errors = [line for line in done.stderr.splitlines() if "error" in line]

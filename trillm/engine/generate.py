@@ -67,16 +67,17 @@ def new_cache(network, max_context: int, sequences: int = 1):
     c = network.config
     needed = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * max_context * sequences
     what = f"a context of {max_context} tokens" if sequences == 1 else \
-        f"{sequences} contexts (--parallel) of {max_context} tokens"
+        f"{sequences} slots (--parallel) of {max_context} tokens"
+    lower = "lower -c/--ctx-size" if sequences == 1 else "lower -c/--ctx-size or --parallel"
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
     if physical and needed > physical:
         raise TrillmError(f"{what} needs a {needed / 2**30:.1f} GB KV cache, more than "
-                          f"this machine's {physical / 2**30:.1f} GB of memory: lower -c/--ctx-size")
+                          f"this machine's {physical / 2**30:.1f} GB of memory: {lower}")
     try:
         return network.new_cache(sequences, max_context)
     except RuntimeError as error:  # torch's allocator: "can't allocate memory"
         raise TrillmError(f"{what} needs a {needed / 2**30:.1f} GB KV cache, which "
-                          f"could not be allocated: lower -c/--ctx-size") from error
+                          f"could not be allocated: {lower}") from error
 
 
 @torch.inference_mode()
