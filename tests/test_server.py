@@ -139,6 +139,19 @@ def test_n_choices_are_separate_draws(client, served):
     assert reply.usage.completion_tokens == sum(12 for _ in reply.choices)
 
 
+def test_n_streamed_choices_come_apart_by_index(client, served):
+    _, server = served
+    chunks = list(client.chat.completions.create(model=server.model_id, messages=MESSAGES, max_tokens=6, n=2,
+                                                 temperature=0, stream=True))
+    texts, reasons = ["", ""], [None, None]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts[0] == texts[1] and texts[0]  # greedy: the same reply twice
+    assert reasons == ["length", "length"]
+
+
 def test_models_health_tokenize_detokenize_metrics(client, served, model):
     _, server = served
     assert [m.id for m in client.models.list().data] == [server.model_id]
@@ -267,6 +280,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
     generated = server.scheduler.metrics.generated_tokens._value.get()
     assert post(served, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
     assert server.scheduler.metrics.generated_tokens._value.get() - generated == 2  # the dropped one stopped
+
+
+def test_a_client_that_disconnects_while_waiting_for_a_whole_reply_frees_its_slot(served):
+    url, server = served
+    host, port = url.removeprefix("http://").split(":")
+    cancelled = server.scheduler.metrics.requests.labels("cancelled")._value.get()
+    body = json.dumps({"messages": MESSAGES, "max_tokens": 400, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 30
+        while server.scheduler.idle():  # it started
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    wait_until_idle(server)
+    assert server.scheduler.metrics.requests.labels("cancelled")._value.get() == cancelled + 1
 
 
 def test_a_full_queue_answers_503_with_retry_after(model):

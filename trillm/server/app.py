@@ -4,6 +4,7 @@ names and error shapes ({"error": {"message", "type", "code"}}). Generation itse
 (scheduler.py); a handler turns a request into sequences, then the sequences' events into responses."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -293,21 +294,28 @@ def chat_delta(delta: dict) -> dict:
     return out
 
 
+async def gone(request: Request):
+    """Returns once the client has closed its connection (looked at twice a second)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+
+
 async def collect(run: Run, request: Request) -> tuple[list[dict], int]:
     """Every choice's text, reasoning, tool calls and finish reason; (choices, completion tokens). A client
     that disconnects while it waits cancels the run."""
     choices = [{"content": "", "reasoning": "", "finish_reason": None, "tool_calls": []} for _ in run.sequences]
     generated = 0
     events = run.__aiter__()
+    watcher = asyncio.ensure_future(gone(request))
     try:
         while True:
             waiting = asyncio.ensure_future(events.__anext__())
-            while not waiting.done():
-                await asyncio.wait([waiting], timeout=0.5)
-                if not waiting.done() and await request.is_disconnected():
-                    waiting.cancel()
-                    run.cancel()
-                    raise APIError(499, "the client closed the request")
+            await asyncio.wait([waiting, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():  # the client left: the run is cancelled as its events close
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+                raise APIError(499, "the client closed the request")
             try:
                 choice, event = waiting.result()
             except StopAsyncIteration:
@@ -322,6 +330,7 @@ async def collect(run: Run, request: Request) -> tuple[list[dict], int]:
                 choices[choice].update(finish_reason=reason, tool_calls=calls)
                 generated += completion_tokens
     finally:
+        watcher.cancel()
         await events.aclose()
     return choices, generated
 
@@ -341,6 +350,8 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="trillm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if server.api_key:
+        app.add_middleware(ApiKey, key=server.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
@@ -359,15 +370,6 @@ def create_app(server: Server) -> FastAPI:
     async def internal_error(request, error: Exception):
         log.exception("trillm: internal error")
         return error_response(500, f"internal error (a bug in trillm): {type(error).__name__}: {error}", "server_error")
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if server.api_key and request.url.path not in ("/", "/health"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return error_response(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                                      "authentication_error", "invalid_api_key")
-        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -488,6 +490,23 @@ async def completion_stream(run: Run, identity: dict, include_usage: bool) -> As
     if include_usage:
         yield sse({**chunk, "choices": [], "usage": usage(run.prompt_tokens, generated)})
     yield sse("[DONE]")
+
+
+class ApiKey:
+    """ASGI middleware: every path but the page and /health needs `Authorization: Bearer KEY` (401 without).
+    Plain ASGI, not Starlette's BaseHTTPMiddleware, under which a handler cannot see its client leave."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in ("/", "/health"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                                          "authentication_error", "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
