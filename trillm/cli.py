@@ -91,8 +91,6 @@ def set_threads(args) -> int:
 
 
 def load_model(args):
-    import trillm
-
     set_threads(args)
     return trillm_load(args)
 
@@ -309,9 +307,7 @@ def command_tokenize(args):
 
 
 def command_bench(args):
-    from trillm.bench import run_bench, run_train_bench
-
-    from trillm.bench import run_serve_bench
+    from trillm.bench import run_bench, run_serve_bench, run_train_bench
 
     if args.train and args.serve:
         raise TrillmError("--train and --serve are two different benchmarks: give one")

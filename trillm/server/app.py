@@ -250,9 +250,8 @@ class Run:
                 raise APIError(400, str(error)) from None
             self.sequences.append(Sequence(prompt_ids, max_tokens, sampling, reply, send, request.ignore_eos))
         self.prompt_tokens = len(prompt_ids)
-        self.scheduler = server.scheduler
         try:
-            self.scheduler.submit(self.sequences)
+            server.scheduler.submit(self.sequences)
         except QueueFull as error:
             raise APIError(503, str(error), "unavailable_error", headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
 
