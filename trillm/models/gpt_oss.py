@@ -37,6 +37,7 @@ from trillm.native import ops
 from trillm.native.build import load
 from trillm.weights import GGMLTensor, MXFP4Tensor, make_experts, make_linear
 from trillm.weights.head import restore_dense
+from trillm.weights.huge_pages import weights_copied
 from trillm.weights.mxfp4 import check_activations, has_bf16_kernel
 
 
@@ -270,7 +271,8 @@ def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
         return gpt_oss_block(config, w, layer, activations)
 
     embedding, output_head, norm = load_ends(checkpoint, config, head or dense)
-    blocks = load_layers(checkpoint, config, table, layer_shapes(config), read, make_block, copied=("q", "k", "v"))
+    blocks = load_layers(checkpoint, config, table, layer_shapes(config), read, make_block,
+                         copied=("q", "k", "v", "o", "router") if weights_copied() else ("q", "k", "v"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config),
                        config.windows)
 

@@ -30,6 +30,7 @@ from trillm.models.loading import (
     ternary_storage,
 )
 from trillm.weights import make_linear
+from trillm.weights.huge_pages import weights_copied
 
 
 @dataclass
@@ -132,7 +133,8 @@ def load_llama(checkpoint, head: str | None = None, activations: str = "float32"
     embedding, output_head, norm = load_ends(checkpoint, config, head, int8)
     blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
                          lambda tensors, layer: llama_block(config, tensors, int8),
-                         copied=("q", "k", "v", "o", "gate", "up", "down") if config.ternary else ("q", "k", "v", "gate", "up"))
+                         copied=("q", "k", "v", "o", "gate", "up", "down") if config.ternary or weights_copied()
+                         else ("q", "k", "v", "gate", "up"))
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

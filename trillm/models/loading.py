@@ -19,6 +19,7 @@ from trillm.models.layers import DecoderConfig, RMSNorm, rope_inverse_frequencie
 from trillm.weights import GGMLTensor, TernaryTensor, make_embedding
 from trillm.weights.ggml import check_layout
 from trillm.weights.head import make_output_head
+from trillm.weights.huge_pages import weights_copied
 from trillm.weights.ternary import check_ternary_codes, ternarize_absmean
 
 # A layer's tensors are named "model.layers.{i}." (Hugging Face) or "blk.{i}." (GGUF).
@@ -72,7 +73,8 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
     make_output_head) and the final norm.
 
     A head re-stored in `head_format` (weights/head.py) is a copy: the stored rows' pages are let go as they
-    are done, so that the stored and the re-stored head are never both resident.
+    are done, so that the stored and the re-stored head are never both resident. A head copied into huge
+    pages lets go of them too (a tied embedding reads its rows back from the file as it looks them up).
     """
     names = checkpoint_names(MODEL_NAMES, checkpoint.kind)
     vocab_shape = (config.vocab_size, config.hidden_size)
@@ -81,6 +83,8 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
     head_name = names["embedding" if config.tie_word_embeddings else "head"]
     head = make_output_head(read_weight(checkpoint, head_name, vocab_shape), head_format,
                             lambda start, end: checkpoint.release(head_name, (start, end)), int8_activations)
+    if weights_copied():
+        checkpoint.release(head_name)
     norm = RMSNorm(read_norm(checkpoint, names["norm"], (config.hidden_size,)), config.rms_norm_eps)
     return embedding, head, norm
 

@@ -325,7 +325,7 @@ class GGMLLinear(RowLinear):
         check_layout(weight)
         check_int8_activations(weight, int8_activations)
         super().__init__(int(weight.type), weight.data, weight.shape, bias, int8_activations)
-        self.weight = weight
+        self.weight = GGMLTensor(weight.type, self.stored, weight.shape)  # over the kernels' copy, if they have one
         self.int8_activations = int8_activations
         if int8_activations and weight.type in INT8_PROMPT_TYPES:
             self.kernel_max_tokens = None

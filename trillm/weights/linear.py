@@ -13,6 +13,7 @@ from torch import nn
 
 from trillm.native.build import check, load
 from trillm.native.plan import call
+from trillm.weights.huge_pages import in_huge_pages
 
 # Up to this many tokens (decoding, short prompts) a matmul runs the kernel, which takes 8 tokens a pass
 # over the weights; longer inputs (prefill) decode the weights to float32 once and use torch's matmul.
@@ -111,7 +112,7 @@ class RowLinear(NativeLinear):
 
     def __init__(self, type_code: int, data: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None,
                  int8_activations: bool = False):
-        stored = data if data.stride(-1) == 1 else data.contiguous()  # the kernels read this memory
+        stored = in_huge_pages(data if data.stride(-1) == 1 else data.contiguous())  # the kernels read this memory
         kernel = "trillm_matmul_int8" if int8_activations else "trillm_matmul"
         super().__init__(bind_kernel(kernel, type_code, stored, shape), shape, bias,
                          stored.numel() * stored.element_size())

@@ -23,6 +23,7 @@ from torch import nn
 from trillm.errors import CheckpointError
 from trillm.native.build import load
 from trillm.weights.ggml import GGMLTensor, fp16_at
+from trillm.weights.huge_pages import in_huge_pages
 from trillm.weights.linear import NativeLinear
 
 # Beyond this many columns float32 sums of the integer products could round (and int32 lanes overflow).
@@ -280,7 +281,7 @@ class TernaryLinear(NativeLinear):
         lib = load()
         if lib is None:
             raise RuntimeError("the native kernels are unavailable; use ReferenceTernaryLinear instead")
-        tiles = tile_ternary(weight.packed)  # the only copy of the weights this layer keeps
+        tiles = in_huge_pages(tile_ternary(weight.packed))  # the only copy of the weights this layer keeps
         scale = weight.scale.float().reshape(-1).contiguous()
         matmul = functools.partial(lib.trillm_ternary_matmul, tiles.data_ptr(), *weight.shape, scale.data_ptr(),
                                    scale.numel())
