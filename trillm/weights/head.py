@@ -37,7 +37,7 @@ def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None 
     """The output projection (vocab, dim), re-stored in `head_format` when the weight is dense:
 
     - None: as stored;
-    - "bf16": in bfloat16, unchanged (no copy) when stored so, as BitNet's tied embedding is;
+    - "bf16": in bfloat16, not re-stored when stored so, as BitNet's tied embedding is;
     - "q8_0": GGML Q8_0 blocks (8.5 bits a weight, 47% fewer bytes than bf16: a decode step reads the whole
       head), quantized here as llama.cpp's quantizer would;
     - "q6_k": GGML Q6_K blocks (6.56 bits a weight, 59% fewer bytes than bf16; quantize_q6_k), multiplied
