@@ -16,6 +16,7 @@ model larger than memory).
 
 import mmap
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -72,20 +73,33 @@ class Chunk:
 
 
 class HugePageArena:
+    """Where in_huge_pages puts its copies: the current chunk, and the bytes placed in chunks still alive
+    (a chunk's finalizer takes its bytes off, without the lock: it may run inside `take`, on any thread)."""
+
     def __init__(self):
         self.budget: int | None = None  # set when the first weight is placed
         self.placed = 0  # bytes handed out, in chunks still alive
         self.chunk: Chunk | None = None
+        self.lock = threading.Lock()  # models may load on several threads at once (trillm serve loads on one)
 
     def forget(self, chunk: Chunk):
         self.placed -= chunk.used
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        size = t.numel() * t.element_size()
+        with self.lock:
+            piece = self.take(t.numel() * t.element_size())
+        if piece is None:
+            return t
+        copy = piece.view(t.dtype).view(t.shape)
+        copy.copy_(t)
+        return copy
+
+    def take(self, size: int) -> torch.Tensor | None:
+        """`size` bytes of huge-page memory, or None past the budget."""
         if self.budget is None:
             self.budget = available_memory() // 2
         if size == 0 or self.placed + size > self.budget:
-            return t
+            return None
         piece = self.chunk.take(size) if self.chunk is not None else None
         if piece is None:
             if self.chunk is not None:
@@ -93,9 +107,7 @@ class HugePageArena:
             self.chunk = Chunk(max(CHUNK_BYTES, size), self)
             piece = self.chunk.take(size)
         self.placed += -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        copy = piece.view(t.dtype).view(t.shape)
-        copy.copy_(t)
-        return copy
+        return piece
 
 
 ARENA = HugePageArena() if huge_pages_available() else None
