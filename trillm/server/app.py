@@ -449,46 +449,45 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def chat_stream(run: Run, identity: dict, include_usage: bool) -> AsyncIterator[str]:
-    """chat.completion.chunk events: the role first, then content and reasoning deltas, each choice's finish
-    reason (tool calls with it), usage if asked, then [DONE]. An error mid-stream is sent as an error event."""
-    chunk = {**identity, "object": "chat.completion.chunk"}
-    for choice in range(len(run.sequences)):
-        yield sse({**chunk, "choices": [{"index": choice, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]})
+async def choice_events(run: Run, chunk: dict, include_usage: bool, opening: list[dict], delta_choice,
+                        finish_choice) -> AsyncIterator[str]:
+    """The events of both streams: the `opening` choices, then each choice's deltas and finish as
+    `delta_choice(delta)` and `finish_choice(reason, tool_calls)` give their fields, usage if asked, then
+    [DONE]. An error mid-stream is sent as an error event."""
+    for choice in opening:
+        yield sse({**chunk, "choices": [choice]})
     generated = 0
     async for choice, event in run:
         if event[0] == "delta":
-            yield sse({**chunk, "choices": [{"index": choice, "delta": chat_delta(event[1]), "finish_reason": None}]})
+            yield sse({**chunk, "choices": [{"index": choice, **delta_choice(event[1])}]})
         elif event[0] == "error":
             yield sse({"error": {"message": event[1], "type": "server_error", "code": None}})
             return
         else:
             _, reason, calls, _, completion_tokens = event
             generated += completion_tokens
-            delta = {"tool_calls": tool_call_list(calls)} if calls else {}
-            yield sse({**chunk, "choices": [{"index": choice, "delta": delta, "finish_reason": reason}]})
+            yield sse({**chunk, "choices": [{"index": choice, **finish_choice(reason, calls)}]})
     if include_usage:
         yield sse({**chunk, "choices": [], "usage": usage(run.prompt_tokens, generated)})
     yield sse("[DONE]")
 
 
-async def completion_stream(run: Run, identity: dict, include_usage: bool) -> AsyncIterator[str]:
-    chunk = {**identity, "object": "text_completion"}
-    generated = 0
-    async for choice, event in run:
-        if event[0] == "delta":
-            yield sse({**chunk, "choices": [{"index": choice, "text": event[1].get("content", ""),
-                                             "finish_reason": None, "logprobs": None}]})
-        elif event[0] == "error":
-            yield sse({"error": {"message": event[1], "type": "server_error", "code": None}})
-            return
-        else:
-            generated += event[4]
-            yield sse({**chunk, "choices": [{"index": choice, "text": "", "finish_reason": event[1], "logprobs": None}]})
-    if include_usage:
-        yield sse({**chunk, "choices": [], "usage": usage(run.prompt_tokens, generated)})
-    yield sse("[DONE]")
+def chat_stream(run: Run, identity: dict, include_usage: bool) -> AsyncIterator[str]:
+    """chat.completion.chunk events: the role first, then content and reasoning deltas, and each choice's
+    finish reason (tool calls with it)."""
+    roles = [{"index": choice, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+             for choice in range(len(run.sequences))]
+    return choice_events(run, {**identity, "object": "chat.completion.chunk"}, include_usage, roles,
+                         lambda delta: {"delta": chat_delta(delta), "finish_reason": None},
+                         lambda reason, calls: {"delta": {"tool_calls": tool_call_list(calls)} if calls else {},
+                                                "finish_reason": reason})
+
+
+def completion_stream(run: Run, identity: dict, include_usage: bool) -> AsyncIterator[str]:
+    """text_completion events: text deltas, then each choice's finish reason."""
+    return choice_events(run, {**identity, "object": "text_completion"}, include_usage, [],
+                         lambda delta: {"text": delta.get("content", ""), "finish_reason": None, "logprobs": None},
+                         lambda reason, calls: {"text": "", "finish_reason": reason, "logprobs": None})
 
 
 class ApiKey:
