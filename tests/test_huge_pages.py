@@ -86,6 +86,8 @@ def test_a_model_computes_from_huge_page_copies_and_lets_go_of_its_file(monkeypa
     linears = [m for m in model.network.modules() if isinstance(m, RowLinear)]
     assert len(linears) == 4 * model.config.num_layers + 1  # qkv, o, gate_up, down, and the head
     assert all(mapping_field(m.stored.data_ptr(), "THPeligible") == 1 for m in linears)
+    # SmolLM2's embedding is tied: it looks its rows up in the head's copy, not in the file
+    assert model.network.embedding.stored.data_ptr() == model.network.head.stored.data_ptr()
     with torch.inference_mode():
         logits = model.forward(ids)
     # The weights are read from the copies: of the file only its header (the vocabulary, ~3 MB) and the

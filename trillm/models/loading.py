@@ -74,19 +74,32 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
 
     A head re-stored in `head_format` (weights/head.py) is a copy: the stored rows' pages are let go as they
     are done, so that the stored and the re-stored head are never both resident. A head copied into huge
-    pages lets go of them too (a tied embedding reads its rows back from the file as it looks them up).
+    pages lets go of them too, and a tied embedding then looks its rows up in that copy (read back from the
+    file, each lookup would map the page cache's large folios around its row: 140 MB of 2B4T's Q8_0
+    embedding for a 128-token prompt).
     """
     names = checkpoint_names(MODEL_NAMES, checkpoint.kind)
     vocab_shape = (config.vocab_size, config.hidden_size)
-    embedding = make_embedding(read_weight(checkpoint, names["embedding"], vocab_shape))  # lookups read single rows
+    embedding_weight = read_weight(checkpoint, names["embedding"], vocab_shape)
     # A GGUF file says "tied" by having no output.weight (llama.cpp reads token_embd then); config.json says it.
     head_name = names["embedding" if config.tie_word_embeddings else "head"]
     head = make_output_head(read_weight(checkpoint, head_name, vocab_shape), head_format,
                             lambda start, end: checkpoint.release(head_name, (start, end)), int8_activations)
     if weights_copied():
         checkpoint.release(head_name)
+        if config.tie_word_embeddings:
+            embedding_weight = rows_as_stored(head, embedding_weight)
+    embedding = make_embedding(embedding_weight)  # lookups read single rows
     norm = RMSNorm(read_norm(checkpoint, names["norm"], (config.hidden_size,)), config.rms_norm_eps)
     return embedding, head, norm
+
+
+def rows_as_stored(head: nn.Module, weight):
+    """The head's own copy of `weight` where it keeps it as stored (same GGML type or dtype), else `weight`."""
+    kept = getattr(head, "weight", None)
+    if isinstance(weight, GGMLTensor):
+        return kept if isinstance(kept, GGMLTensor) and kept.type == weight.type else weight
+    return kept if isinstance(kept, torch.Tensor) and kept.dtype == weight.dtype and kept.shape == weight.shape else weight
 
 
 def read_weight(checkpoint, name: str, shape: tuple):
