@@ -176,9 +176,9 @@ def load_blocks(checkpoint, config: BitNetConfig, head: str | None, read_project
     def read(key: str, name: str, shape: tuple):
         return read_projection(name, shape) if key in TERNARY_PROJECTIONS else read_norm(checkpoint, name, shape)
 
-    embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
     blocks = load_layers(checkpoint, config, LAYER_NAMES, layer_shapes(config), read,
                          lambda tensors, layer: bitnet_block(config, tensors), copied=tuple(LAYER_NAMES))
+    embedding, output_head, norm = load_ends(checkpoint, config, head or DEFAULT_HEAD)
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

@@ -270,9 +270,9 @@ def load_gpt_oss(checkpoint, head: str | None = None, dense: str | None = None,
         w.update(experts_from_gguf(w) if gguf else experts_from_release(w, config))
         return gpt_oss_block(config, w, layer, activations)
 
-    embedding, output_head, norm = load_ends(checkpoint, config, head or dense)
     blocks = load_layers(checkpoint, config, table, layer_shapes(config), read, make_block,
                          copied=("q", "k", "v", "o", "router") if weights_copied() else ("q", "k", "v"))
+    embedding, output_head, norm = load_ends(checkpoint, config, head or dense)
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config),
                        config.windows)
 

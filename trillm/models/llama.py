@@ -130,11 +130,11 @@ def load_llama(checkpoint, head: str | None = None, activations: str = "float32"
             return unpermute_rope_rows(tensor, config.num_heads if key == "q" else config.num_kv_heads)
         return tensor
 
-    embedding, output_head, norm = load_ends(checkpoint, config, head, int8)
     blocks = load_layers(checkpoint, config, DECODER_LAYER_NAMES, decoder_layer_shapes(config), read,
                          lambda tensors, layer: llama_block(config, tensors, int8),
                          copied=("q", "k", "v", "o", "gate", "up", "down") if config.ternary or weights_copied()
                          else ("q", "k", "v", "gate", "up"))
+    embedding, output_head, norm = load_ends(checkpoint, config, head, int8)
     return Transformer(config, embedding, blocks, norm, output_head, rope_frequencies(checkpoint, config))
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from trillm.weights.huge_pages import empty_rows
 from trillm.weights.linear import KERNEL_MAX_TOKENS, RowEmbedding, RowLinear, prompt_linear, round_to_int8
 
 
@@ -163,7 +164,7 @@ def quantize_q8_0(weight: torch.Tensor, rows_done: Callable[[int, int], None] | 
     if cols % Q8_0_BLOCK_SIZE:
         raise ValueError(f"Q8_0 rows hold blocks of {Q8_0_BLOCK_SIZE} weights; {cols} columns do not fit")
     block_bytes = BLOCK_LAYOUTS[Q.Q8_0][1]
-    data = torch.empty(rows, cols // Q8_0_BLOCK_SIZE * block_bytes, dtype=torch.uint8)
+    data = empty_rows(rows, cols // Q8_0_BLOCK_SIZE * block_bytes)
     rows_per_chunk = max(1, (1 << 18) // cols)
     for start in range(0, rows, rows_per_chunk):
         chunk = weight[start:start + rows_per_chunk]
@@ -198,7 +199,7 @@ def quantize_q6_k(weight: torch.Tensor, rows_done: Callable[[int, int], None] | 
     rows, cols = weight.shape
     if cols % Q6_K_BLOCK_SIZE:
         raise ValueError(f"Q6_K rows hold blocks of {Q6_K_BLOCK_SIZE} weights; {cols} columns do not fit")
-    data = torch.empty(rows, cols // Q6_K_BLOCK_SIZE * BLOCK_LAYOUTS[Q.Q6_K][1], dtype=torch.uint8)
+    data = empty_rows(rows, cols // Q6_K_BLOCK_SIZE * BLOCK_LAYOUTS[Q.Q6_K][1])
     rows_per_chunk = max(1, (1 << 18) // cols)
     for start in range(0, rows, rows_per_chunk):
         chunk = weight[start:start + rows_per_chunk]

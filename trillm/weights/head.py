@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from trillm.weights import GGMLTensor, make_linear
+from trillm.weights.huge_pages import in_huge_pages
 from trillm.weights.ggml import Q6_K_BLOCK_SIZE, Q8_0_BLOCK_SIZE, quantize_q6_k, quantize_q8_0
 
 log = logging.getLogger("trillm")
@@ -47,13 +48,15 @@ def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None 
       head stored in Q6_K (as llama.cpp's Q4_K_M files store it) gets the int8 kernel too.
 
     Rows that do not split in blocks of 32 stay as stored, with a warning. Otherwise a head stored in GGML
-    blocks (a GGUF file) stays as its file chose. `rows_done` goes to the quantizer (see quantize_q8_0).
+    blocks (a GGUF file) stays as its file chose. `rows_done` goes to the quantizer (see quantize_q8_0),
+    or to the copy into huge pages of a head kept as stored (huge_pages.HugePageArena.copy).
     `int8_activations`: a head in GGML blocks takes the int8 kernel where its type has one (make_linear).
     """
     if head_format not in (None, *HEAD_FORMATS):
         raise ValueError(f"unknown output head format {head_format!r} (choose from {', '.join(HEAD_FORMATS)})")
     if isinstance(weight, GGMLTensor):
         int8_activations |= head_format == "q6_k" and weight.type == GGMLQuantizationType.Q6_K
+        weight = GGMLTensor(weight.type, in_huge_pages(weight.data, rows_done), weight.shape)
         return make_linear(weight, int8_activations=int8_activations)
     if head_format == "q6_k" and weight.shape[1] % Q6_K_BLOCK_SIZE == 0:
         return make_linear(quantize_q6_k(weight, rows_done), int8_activations=True)
@@ -63,5 +66,5 @@ def make_output_head(weight: torch.Tensor | GGMLTensor, head_format: str | None 
         log.warning("trillm: the output head has %d columns, not a multiple of %d: kept in %s, not %s",
                     weight.shape[1], Q8_0_BLOCK_SIZE, weight.dtype, head_format.upper())
     if head_format == "bf16":
-        return make_linear(weight.to(torch.bfloat16))
-    return make_linear(weight)
+        weight = weight.to(torch.bfloat16)
+    return make_linear(in_huge_pages(weight, rows_done))

@@ -24,6 +24,7 @@ import torch
 
 HUGE_PAGE = 2 << 20
 CHUNK_BYTES = 64 << 20
+COPY_SLICE_BYTES = 16 << 20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -58,7 +59,9 @@ class Chunk:
         whole = torch.frombuffer(memory_map, dtype=torch.uint8)
         start = -whole.data_ptr() % HUGE_PAGE
         self.memory: torch.Tensor | None = whole[start:start + size]
+        self.start, self.end = self.memory.data_ptr(), self.memory.data_ptr() + size
         self.used = 0
+        arena.chunks.add(self)
         weakref.finalize(memory_map, arena.forget, self)
 
     def retire(self):
@@ -80,18 +83,32 @@ class HugePageArena:
         self.budget: int | None = None  # set when the first weight is placed
         self.placed = 0  # bytes handed out, in chunks still alive
         self.chunk: Chunk | None = None
+        self.chunks: set[Chunk] = set()  # alive
         self.lock = threading.Lock()  # models may load on several threads at once (trillm serve loads on one)
 
     def forget(self, chunk: Chunk):
         self.placed -= chunk.used
+        self.chunks.discard(chunk)
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether t already lies in this arena's memory, whole and contiguous."""
+        return t.is_contiguous() and any(c.start <= t.data_ptr() < c.end for c in list(self.chunks))
+
+    def copy(self, t: torch.Tensor, rows_done=None) -> torch.Tensor:
+        """t copied into huge pages (itself past the budget); with `rows_done`, a slice of rows at a time,
+        rows_done(start, end) after each (a loader lets go of those rows' file pages there)."""
         with self.lock:
             piece = self.take(t.numel() * t.element_size())
         if piece is None:
             return t
         copy = piece.view(t.dtype).view(t.shape)
-        copy.copy_(t)
+        if rows_done is None:
+            copy.copy_(t)
+            return copy
+        step = max(1, COPY_SLICE_BYTES // max(1, t[0].numel() * t.element_size()))
+        for start in range(0, len(t), step):
+            copy[start:start + step] = t[start:start + step]
+            rows_done(start, min(start + step, len(t)))
         return copy
 
     def take(self, size: int) -> torch.Tensor | None:
@@ -113,9 +130,21 @@ class HugePageArena:
 ARENA = HugePageArena() if huge_pages_available() else None
 
 
-def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """t copied into huge pages, contiguous; t itself where none are to be had (see the module's text)."""
-    return t if ARENA is None else ARENA.copy(t)
+def in_huge_pages(t: torch.Tensor, rows_done=None) -> torch.Tensor:
+    """t copied into huge pages, contiguous (see HugePageArena.copy for `rows_done`); t itself where it is
+    there already, or none are to be had (see the module's text)."""
+    return t if ARENA is None or ARENA.holds(t) else ARENA.copy(t, rows_done)
+
+
+def empty_rows(rows: int, row_bytes: int) -> torch.Tensor:
+    """An uninitialized (rows, row_bytes) uint8 tensor, in huge pages where there are any: for a weight made at
+    load (a re-stored head), which in_huge_pages then does not copy again."""
+    if ARENA is not None:
+        with ARENA.lock:
+            piece = ARENA.take(rows * row_bytes)
+        if piece is not None:
+            return piece.view(rows, row_bytes)
+    return torch.empty(rows, row_bytes, dtype=torch.uint8)
 
 
 def weights_copied() -> bool:
