@@ -58,6 +58,25 @@ def test_a_copy_equals_its_source_in_memory_asked_for_huge_pages():
     assert following.data_ptr() == copy.data_ptr() + pages(copy.numel() * 4)  # packed in the same chunk
 
 
+def test_a_copy_row_by_row_says_each_slice_of_rows_done():
+    arena = HugePageArena()
+    source = torch.randn(3000, 2000)  # 24 MB: two slices of COPY_SLICE_BYTES
+    done = []
+    copy = arena.copy(source, lambda start, end: done.append((start, end)))
+    assert torch.equal(copy, source)
+    assert done[0][0] == 0 and done[-1][1] == 3000 and len(done) == 2
+    assert all(a[1] == b[0] for a, b in zip(done, done[1:]))
+
+
+def test_memory_already_in_huge_pages_is_not_copied_again():
+    placed = huge_pages.in_huge_pages(torch.ones(1000, 100))
+    assert huge_pages.in_huge_pages(placed) is placed
+    rows = huge_pages.empty_rows(500, 34)  # where a quantizer writes a re-stored head
+    assert rows.shape == (500, 34) and rows.dtype == torch.uint8
+    assert huge_pages.in_huge_pages(rows) is rows
+    assert mapping_field(rows.data_ptr(), "THPeligible") == 1
+
+
 def test_past_the_budget_a_tensor_stays_where_it_is():
     arena = HugePageArena()
     arena.budget = 1 << 20
