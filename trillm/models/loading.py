@@ -74,9 +74,9 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
 
     A head re-stored in `head_format` (weights/head.py) is a copy: the stored rows' pages are let go as they
     are done, so that the stored and the re-stored head are never both resident. A head copied into huge
-    pages lets go of them too, and a tied embedding then looks its rows up in that copy (read back from the
-    file, each lookup would map the page cache's large folios around its row: 140 MB of 2B4T's Q8_0
-    embedding for a 128-token prompt).
+    pages lets go of them as it copies, and a tied embedding then looks its rows up in that copy (read back
+    from the file, each lookup would map the page cache's large folios around its row: 140 MB of 2B4T's
+    Q8_0 embedding for a 128-token prompt).
     """
     names = checkpoint_names(MODEL_NAMES, checkpoint.kind)
     vocab_shape = (config.vocab_size, config.hidden_size)
@@ -85,10 +85,8 @@ def load_ends(checkpoint, config: DecoderConfig, head_format: str | None,
     head_name = names["embedding" if config.tie_word_embeddings else "head"]
     head = make_output_head(read_weight(checkpoint, head_name, vocab_shape), head_format,
                             lambda start, end: checkpoint.release(head_name, (start, end)), int8_activations)
-    if weights_copied():
-        checkpoint.release(head_name)
-        if config.tie_word_embeddings:
-            embedding_weight = rows_as_stored(head, embedding_weight)
+    if weights_copied() and config.tie_word_embeddings:
+        embedding_weight = rows_as_stored(head, embedding_weight)
     embedding = make_embedding(embedding_weight)  # lookups read single rows
     norm = RMSNorm(read_norm(checkpoint, names["norm"], (config.hidden_size,)), config.rms_norm_eps)
     return embedding, head, norm
