@@ -67,3 +67,26 @@ def test_memory_outside_the_files_map_is_never_dropped(tmp_path):
     assert file_mapping(tmp_path / "model.safetensors", mapped.data_ptr()) is not None
     anonymous = torch.ones(ROWS, COLUMNS)
     assert file_mapping(tmp_path / "model.safetensors", anonymous.data_ptr()) is None
+
+
+def test_an_embedding_read_from_the_file_lets_go_of_the_pages_each_lookup_maps(tmp_path):
+    """A lookup faults in the page cache's folio around its row (up to 2 MB on recent kernels); an embedding
+    read from a file's map lets those pages go after each lookup, values unchanged. A table that is not a
+    file's (the same rows in memory) is never touched."""
+    from trillm.weights import make_embedding
+    from trillm.weights.dense import ReferenceDenseEmbedding
+
+    table = torch.randn(8 * ROWS, 256).bfloat16()  # 4 MB
+    save_file({"model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    path = tmp_path / "model.safetensors"
+    mapped = open_checkpoint(tmp_path).get("model.embed_tokens.weight")
+    assert file_mapping(path, mapped.data_ptr()) is not None
+    embedding = make_embedding(mapped)
+    ids = torch.randint(0, 8 * ROWS, (64,), generator=torch.Generator().manual_seed(0))
+    expected = ReferenceDenseEmbedding(table)(ids)
+    assert torch.equal(embedding(ids), expected)
+    assert resident_kb(path) <= 8  # at most the pages the table shares with the file's header
+    in_memory = make_embedding(table)
+    assert in_memory._release_rows is None
+    assert torch.equal(in_memory(ids), expected)

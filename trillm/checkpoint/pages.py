@@ -31,6 +31,20 @@ def file_mapping(path: Path, address: int) -> tuple[int, int] | None:
     return None
 
 
+def in_file_mapping(address: int) -> bool:
+    """Whether `address` lies in a memory map of a file (read from /proc/self/maps; False off Linux)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if start <= address < end:
+            return len(fields) == 6 and fields[5].startswith("/")
+    return False
+
+
 def drop_pages(mapping: tuple[int, int], address: int, size: int):
     """Drop the whole pages of [address, address + size) that lie inside `mapping` (a file's map)."""
     first = max(-(-address // PAGE) * PAGE, mapping[0])

@@ -174,6 +174,7 @@ def open_library(path: Path) -> ctypes.CDLL:
         "trillm_matmul": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
         "trillm_matmul_int8": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
         "trillm_decode_rows": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
+        "trillm_release_rows": ([pointer, size, size, pointer, size], ctypes.c_int),
         "trillm_vector_floats": ([], ctypes.c_int),
         # mxfp4.c
         "trillm_mxfp4_has_bf16": ([], ctypes.c_int),

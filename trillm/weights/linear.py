@@ -140,9 +140,19 @@ class RowEmbedding(nn.Module):
         self.stored = data if data.stride(-1) == 1 else data.contiguous()  # the kernels read this memory
         self.num_embeddings, self.embedding_dim = shape
         self._decode_rows = bind_kernel("trillm_decode_rows", type_code, self.stored, shape)
+        # Read from a file's map (a tied embedding whose head was re-stored), each lookup would leave the
+        # page cache's folio around its row mapped, up to 2 MB a token: they are let go after each lookup.
+        from trillm.checkpoint.pages import in_file_mapping  # (trillm.checkpoint imports this module)
+
+        self._release_rows = None
+        if in_file_mapping(self.stored.data_ptr()):
+            self._release_rows = functools.partial(load().trillm_release_rows, self.stored.data_ptr(),
+                                                   self.stored.stride(0) * self.stored.element_size(), shape[0])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(flat.numel(), self.embedding_dim)
         check(call(self._decode_rows, flat.data_ptr(), flat.numel(), out.data_ptr()))
+        if self._release_rows is not None:
+            check(call(self._release_rows, flat.data_ptr(), flat.numel()))
         return out.view(*ids.shape, self.embedding_dim)

@@ -109,6 +109,7 @@ int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
                        int64_t tokens, float *y);
 int trillm_decode_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const int64_t *ids,
                        int64_t n, float *out);
+int trillm_release_rows(const uint8_t *w, int64_t row_bytes, int64_t rows, const int64_t *ids, int64_t n);
 int trillm_ternary_matmul(const uint8_t *tiles, int64_t rows, int64_t cols, const float *w_scale, int64_t scale_count,
                           const float *x, int64_t tokens, float *y);
 void trillm_rms_norm(const float *x, const float *weight, int64_t rows, int64_t dim, float eps, float *out);

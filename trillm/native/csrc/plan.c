@@ -44,6 +44,11 @@ static int run_decode_rows(const int64_t *i, const float *f, int64_t position) {
     return trillm_decode_rows((int)i[0], POINTER(1), i[2], i[3], i[4], POINTER(5), i[6], POINTER(7));
 }
 
+static int run_release_rows(const int64_t *i, const float *f, int64_t position) {
+    (void)f, (void)position;
+    return trillm_release_rows(POINTER(0), i[1], i[2], POINTER(3), i[4]);
+}
+
 static int run_ternary_matmul(const int64_t *i, const float *f, int64_t position) {
     (void)f, (void)position;
     return trillm_ternary_matmul(POINTER(0), i[1], i[2], POINTER(3), i[4], POINTER(5), i[6], POINTER(7));
@@ -131,6 +136,7 @@ static const struct {
     {"trillm_matmul", run_matmul},
     {"trillm_matmul_int8", run_matmul_int8},
     {"trillm_decode_rows", run_decode_rows},
+    {"trillm_release_rows", run_release_rows},
     {"trillm_ternary_matmul", run_ternary_matmul},
     {"trillm_rms_norm", run_rms_norm},
     {"trillm_squared_relu_glu", run_squared_relu_glu},
