@@ -71,8 +71,8 @@ def test_memory_outside_the_files_map_is_never_dropped(tmp_path):
 
 def test_an_embedding_read_from_the_file_lets_go_of_the_pages_each_lookup_maps(tmp_path):
     """A lookup faults in the page cache's folio around its row (up to 2 MB on recent kernels); an embedding
-    read from a file's map lets those pages go after each lookup, values unchanged. A table that is not a
-    file's (the same rows in memory) is never touched."""
+    read from a file's map lets those pages go after each lookup, values unchanged, except pages the process
+    wrote (its own copies). A table that is not a file's (the same rows in memory) is never touched."""
     from trillm.weights import make_embedding
     from trillm.weights.dense import ReferenceDenseEmbedding
 
@@ -87,6 +87,9 @@ def test_an_embedding_read_from_the_file_lets_go_of_the_pages_each_lookup_maps(t
     expected = ReferenceDenseEmbedding(table)(ids)
     assert torch.equal(embedding(ids), expected)
     assert resident_kb(path) <= 8  # at most the pages the table shares with the file's header
+    mapped[1000] += 1  # the map is copy-on-write: this row is the process's own now, and a lookup keeps it
+    assert torch.equal(embedding(torch.tensor([1001, 1000]))[1], (table[1000] + 1).float())
+    assert torch.equal(mapped[1000], table[1000] + 1)
     in_memory = make_embedding(table)
     assert in_memory._release_rows is None
     assert torch.equal(in_memory(ids), expected)

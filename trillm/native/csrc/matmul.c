@@ -4,7 +4,9 @@
  */
 #include <stdlib.h>
 #if defined(__linux__)
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "kernels.h"
@@ -143,27 +145,55 @@ int trillm_decode_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t ro
     return OK;
 }
 
+#if defined(__linux__) && defined(MADV_DONTNEED)
+/* Unmap the pages of [start, end) that are still the file's. The maps are copy-on-write: a page this process
+ * wrote is its own copy now, and dropping it would lose the write, so /proc/self/pagemap is asked first
+ * (bit 63: present, bit 61: a file page). Without pagemap nothing is dropped. */
+static void release_file_pages(int pagemap, uintptr_t start, uintptr_t end, uintptr_t page) {
+    uint64_t entries[512];
+    for (uintptr_t at = start; at < end;) {
+        const uintptr_t count = (end - at) / page < 512 ? (end - at) / page : 512;
+        if (pread(pagemap, entries, count * 8, (off_t)(at / page * 8)) != (ssize_t)(count * 8))
+            return;
+        for (uintptr_t k = 0; k < count;) {
+            uintptr_t run = k;
+            while (run < count && (entries[run] >> 63 & 1) && (entries[run] >> 61 & 1))
+                run++;
+            if (run > k)
+                madvise((void *)(at + k * page), (run - k) * page, MADV_DONTNEED);
+            k = run + 1;
+        }
+        at += count * page;
+    }
+}
+#endif
+
 /* Unmap the file pages around looked-up rows ids[0..n) of a table that lies in a file's memory map (they stay
  * in the page cache). A lookup faults in the page cache's whole folio around its row, up to 2 MB, so each
  * token looked up from a memory-mapped embedding grew the resident memory by up to that much (measured on a
  * bf16 2B4T embedding: 250 KB a token). Everything in the 2 MB-aligned windows around the rows goes, clipped
- * to the table's own whole pages. Returns OK; does nothing where madvise is not Linux's. */
+ * to the table's own whole pages, except pages this process wrote. Returns OK; does nothing off Linux. */
 int trillm_release_rows(const uint8_t *w, int64_t row_bytes, int64_t rows, const int64_t *ids, int64_t n) {
-#if defined(__linux__) && defined(MADV_DONTNEED)
-    const uintptr_t page = 4096, window = 2u << 20;
-    const uintptr_t first = ((uintptr_t)w + page - 1) & ~(page - 1), last = ((uintptr_t)w + rows * row_bytes) & ~(page - 1);
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= rows)
             return ERROR_INDEX;
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    const int pagemap = open("/proc/self/pagemap", O_RDONLY);
+    if (pagemap < 0)
+        return OK;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), window = 2u << 20; /* a multiple of any page size */
+    const uintptr_t first = ((uintptr_t)w + page - 1) & ~(page - 1), last = ((uintptr_t)w + rows * row_bytes) & ~(page - 1);
+    for (int64_t i = 0; i < n; i++) {
         const uintptr_t row = (uintptr_t)w + ids[i] * row_bytes;
         uintptr_t start = row & ~(window - 1), end = (row + row_bytes + window - 1) & ~(window - 1);
         start = start > first ? start : first;
         end = end < last ? end : last;
         if (end > start)
-            madvise((void *)start, end - start, MADV_DONTNEED);
+            release_file_pages(pagemap, start, end, page);
     }
+    close(pagemap);
 #else
-    (void)w, (void)row_bytes, (void)rows, (void)ids, (void)n;
+    (void)w, (void)row_bytes;
 #endif
     return OK;
 }
