@@ -15,34 +15,31 @@ from pathlib import Path
 PAGE = mmap.PAGESIZE
 
 
-def file_mapping(path: Path, address: int) -> tuple[int, int] | None:
-    """(start, end) of this process's mapping of `path` that holds `address`, read from /proc/self/maps;
-    None when there is none (or no /proc, off Linux)."""
+def mapping_at(address: int) -> tuple[int, int, str] | None:
+    """(start, end, file path or "") of this process's mapping that holds `address`, read from
+    /proc/self/maps; None when there is none (or no /proc, off Linux)."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    target = str(path.resolve())
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        start, end = (int(bound, 16) for bound in fields[0].split("-"))
-        if start <= address < end and len(fields) == 6 and fields[5] == target:
-            return start, end
-    return None
-
-
-def in_file_mapping(address: int) -> bool:
-    """Whether `address` lies in a memory map of a file (read from /proc/self/maps; False off Linux)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return False
     for line in lines:
         fields = line.split(maxsplit=5)
         start, end = (int(bound, 16) for bound in fields[0].split("-"))
         if start <= address < end:
-            return len(fields) == 6 and fields[5].startswith("/")
-    return False
+            return start, end, fields[5] if len(fields) == 6 else ""
+    return None
+
+
+def file_mapping(path: Path, address: int) -> tuple[int, int] | None:
+    """(start, end) of this process's mapping of `path` that holds `address`; None when there is none."""
+    mapping = mapping_at(address)
+    return mapping[:2] if mapping is not None and mapping[2] == str(path.resolve()) else None
+
+
+def in_file_mapping(address: int) -> bool:
+    """Whether `address` lies in a memory map of a file (False off Linux)."""
+    mapping = mapping_at(address)
+    return mapping is not None and mapping[2].startswith("/")
 
 
 def drop_pages(mapping: tuple[int, int], address: int, size: int):
