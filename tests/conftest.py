@@ -1,9 +1,11 @@
-"""What the test files share: a fresh load of the native library for tests that change how it loads, and
-every instruction-set level of the native kernels that this machine runs."""
+"""What the test files share: a fresh load of the native library for tests that change how it loads,
+every instruction-set level of the native kernels that this machine runs, and one synthetic BitNet 2B4T
+release folder."""
 
 import pytest
 
 from trillm.native import build
+from trillm.synth import write_preset
 
 
 def forget_native():
@@ -34,3 +36,9 @@ def native_level(request, monkeypatch):
     yield level
     monkeypatch.undo()
     build.load.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def bitnet_2b4t_folder(tmp_path_factory):
+    """The 2B4T release's packed layout, random codes (1.2 GB): written once for every test that reads it."""
+    return write_preset("bitnet-b1.58-2b-4t", tmp_path_factory.mktemp("bitnet-2b4t") / "model")

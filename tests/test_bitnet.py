@@ -191,14 +191,13 @@ def test_presets_have_the_release_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_2b4t_preset_loads_and_decodes(tmp_path):
-    write_preset("bitnet-b1.58-2b-4t", tmp_path)
-    with safe_open(tmp_path / "model.safetensors", "pt") as file:
+def test_2b4t_preset_loads_and_decodes(bitnet_2b4t_folder):
+    with safe_open(bitnet_2b4t_folder / "model.safetensors", "pt") as file:
         names = list(file.keys())
         assert len(names) == 542
         assert file.get_slice("model.layers.29.mlp.down_proj.weight").get_shape() == [640, 6912]
         assert file.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [160, 2560]
-    model = trillm.load(tmp_path)
+    model = trillm.load(bitnet_2b4t_folder)
     assert isinstance(model.network.head.weight, GGMLTensor)  # the default Q6_K head
     reply = list(model.generate_ids(model.chat_prompt([{"role": "user", "content": "Hi"}]), max_new_tokens=3,
                                     sampling=Sampling(temperature=0)))

@@ -381,8 +381,13 @@ def test_a_failed_synth_leaves_no_partial_output_and_the_old_in_place(tmp_path, 
 
 # ---- The native library's cache ----------------------------------------------------------------------------
 
+# The cache's tests build the portable library unoptimized: what they check is the same, in a few seconds.
+UNOPTIMIZED = ["-O0", "-shared", "-fPIC", "-pthread"]
+
+
 def load_in_a_new_process(cache) -> subprocess.CompletedProcess:
-    script = "from trillm.native import build; lib = build.library('c'); print(lib.trillm_vector_floats())"
+    script = (f"from trillm.native import build; build.FLAGS = {UNOPTIMIZED!r}; lib = build.library('c'); "
+              "print(lib.trillm_vector_floats())")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TRILLM_CACHE=str(cache)))
 
@@ -412,6 +417,7 @@ def test_abandoned_partial_builds_are_removed(tmp_path, fresh_native, monkeypatc
     dead.write_bytes(b"half a library")
     alive.write_bytes(b"being built")
     monkeypatch.setenv("TRILLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", UNOPTIMIZED)
     assert build.library("c") is not None
     assert not dead.exists() and alive.exists()
 

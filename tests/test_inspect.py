@@ -27,12 +27,11 @@ def categories(report) -> dict:
 
 
 @pytest.mark.slow
-def test_2b4t_folder_matches_the_seed_analysis_of_the_release(tmp_path):
+def test_2b4t_folder_matches_the_seed_analysis_of_the_release(bitnet_2b4t_folder):
     """The numbers ../shared/seeds/003 gives for the real packed release (its MB are MiB): 542 tensors, 210
     packed projections (U8, 496.88 MB), the embedding 626.25 MB = 55.72%, each MLP projection 126.56 MB =
     11.26%, Q and O 46.88 MB = 4.17%, K and V 11.72 MB = 1.04%, per block 69,468,160 weights in 16.56 MB."""
-    write_preset("bitnet-b1.58-2b-4t", tmp_path)
-    report = inspect_checkpoint(tmp_path, "all")
+    report = inspect_checkpoint(bitnet_2b4t_folder, "all")
     assert report["tensor_count"] == 542
     formats = {row["format"]: row for row in report["formats"]}
     assert formats["U8 ternary (4 a byte)"]["tensors"] == 210

@@ -238,23 +238,34 @@ def train_cli(*args, processes: int = 1):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """run(precision, processes, shard): the folder of a short `trillm train` run; the one-process runs are
+    made once for the tests that compare with them."""
+    data = tmp_path_factory.mktemp("gloo") / "text.txt"
+    data.write_text("\n\n".join(CORPUS * 20))
+
+    def run(precision, processes=1, shard=False):
+        out = data.parent / f"{precision}-{processes}{'-shard' if shard else ''}"
+        if not (out / "log.jsonl").exists():
+            train_cli("--preset", "tiny", "--data", str(data), "--steps", "3", "--batch-tokens", "256", "--seq-len",
+                      "32", "--micro-batch", "2", "--precision", precision, "--autocast", "none", "--out", str(out),
+                      *(["--shard"] if shard else []), processes=processes)
+        return out
+    return run
+
+
 @pytest.mark.parametrize("precision,shard", [("full", False), ("ternary", False), ("full", True)])
-def test_two_processes_with_gloo_equal_one(tmp_path, precision, shard):
+def test_two_processes_with_gloo_equal_one(gloo_runs, precision, shard):
     """torchrun, 2 processes on gloo (DDP, or FSDP2 with --shard), against 1 process with the same global
     batch: the same parameters (full precision: to float rounding) and the same losses (ternary: a float
     difference upstream flips an int8 rounding now and then, so the losses agree to 1e-4)."""
-    data = tmp_path / "text.txt"
-    data.write_text("\n\n".join(CORPUS * 20))
-    common = ["--preset", "tiny", "--data", str(data), "--steps", "3", "--batch-tokens", "256", "--seq-len", "32",
-              "--micro-batch", "2", "--precision", precision, "--autocast", "none"]
-    train_cli(*common, "--out", str(tmp_path / "one"))
-    train_cli(*common, "--out", str(tmp_path / "two"), *(["--shard"] if shard else []), processes=2)
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    runs = gloo_runs(precision), gloo_runs(precision, processes=2, shard=shard)
+    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()] for run in runs]
     assert len(losses[1]) == 3  # rank 0 alone logs
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6 if precision == "full" else 1e-4, atol=0)
     if precision == "full":
-        one, two = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("one", "two"))
+        one, two = (torch.load(run / "checkpoint.pt", weights_only=True)["model"] for run in runs)
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
 
