@@ -14,9 +14,12 @@ from test_weights import Q, random_ggml
 
 
 def test_each_level_is_built_for_its_vector_width(native_level):
-    """The flags of a level must select its path in csrc/kernels.h (AVX-512: 16 floats a vector, AVX2: 8,
-    C: 1): a missing flag would silently build the narrower kernels."""
-    assert build.load().trillm_vector_floats() == {"avx512": 16, "avx2": 8, "c": 1}[native_level]
+    """The flags of a level must select its path in csrc/kernels.h (AVX-512: 16 floats a vector, AVX2 and
+    AVX-VNNI: 8, C: 1; VNNI's dot products in AVX-512 and AVX-VNNI): a missing flag would silently build the
+    narrower kernels."""
+    library = build.load()
+    assert library.trillm_vector_floats() == {"avx512": 16, "avxvnni": 8, "avx2": 8, "c": 1}[native_level]
+    assert library.trillm_vnni() == (native_level in ("avx512", "avxvnni"))
 
 
 def test_the_widest_runnable_level_is_the_default(fresh_native, monkeypatch):
@@ -24,6 +27,8 @@ def test_the_widest_runnable_level_is_the_default(fresh_native, monkeypatch):
     assert build.chosen_level() == build.runnable_levels()[0]
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "sse2"}))
     assert build.runnable_levels() == ["avx2", "c"] and build.chosen_level() == "avx2"
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx_vnni"}))  # Alder Lake
+    assert build.runnable_levels() == ["avxvnni", "avx2", "c"]
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "sse2"}))  # AVX2 without FMA
     assert build.chosen_level() == "c"
 
@@ -35,7 +40,7 @@ def test_trillm_isa_forces_a_level_or_the_twins(fresh_native, monkeypatch):
     assert build.chosen_level() is None and build.load() is None
     assert isinstance(make_linear(random_ggml(Q.Q8_0, 4, 32)), ReferenceGGMLLinear)
     monkeypatch.setenv("TRILLM_ISA", "sse9")
-    with pytest.raises(TrillmError, match="TRILLM_ISA='sse9': choose one of avx512, avx2, c, reference"):
+    with pytest.raises(TrillmError, match="TRILLM_ISA='sse9': choose one of avx512, avxvnni, avx2, c, reference"):
         build.chosen_level()
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     monkeypatch.setenv("TRILLM_ISA", "avx512")

@@ -3,7 +3,7 @@ loaded with ctypes.
 
 The kernels are written once (csrc/kernels.h gives them their vector primitives); a level is the same
 sources compiled with its flags (LEVELS). `load()` returns the library of the widest level this CPU runs,
-or of the level TRILLM_ISA names: a narrower one (avx2, c) to measure or test it on a wider machine, or
+or of the level TRILLM_ISA names: a narrower one (avxvnni, avx2, c) to measure or test it on a wider machine, or
 `reference` for the pure-PyTorch twins alone. A library is cached per user, keyed by a hash of the sources,
 the flags, and what the compiler reports about itself and this CPU, so an edit, a new compiler or a
 different machine rebuilds it. Without gcc, or when it fails, `load()` warns once and returns None, and
@@ -29,10 +29,12 @@ COMPILER = "gcc"
 FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
 
 # Instruction-set levels, widest first: the compiler flags of each, and the /proc/cpuinfo flags a CPU needs
-# to run its library. "c" is portable C, which gcc still vectorizes where it can.
+# to run its library. "avxvnni" is AVX2 with AVX-VNNI's 256-bit integer dot products (Intel's cores since
+# Alder Lake, which lack AVX-512). "c" is portable C, which gcc still vectorizes where it can.
 LEVELS = {
     "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
                {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+    "avxvnni": (["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], {"avx2", "fma", "f16c", "avx_vnni"}),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
     "c": ([], set()),
 }
@@ -176,6 +178,7 @@ def open_library(path: Path) -> ctypes.CDLL:
         "trillm_decode_rows": ([ctypes.c_int, pointer, size, size, size, pointer, size, pointer], ctypes.c_int),
         "trillm_release_rows": ([pointer, size, size, pointer, size], ctypes.c_int),
         "trillm_vector_floats": ([], ctypes.c_int),
+        "trillm_vnni": ([], ctypes.c_int),
         # mxfp4.c
         "trillm_mxfp4_has_bf16": ([], ctypes.c_int),
         "trillm_mxfp4_experts": ([ctypes.c_int, ctypes.c_int, pointer, size, size, size, pointer, size, size, size,
@@ -216,7 +219,7 @@ def library(level: str) -> ctypes.CDLL | None:
     try:
         return open_library(build(level))
     except subprocess.CalledProcessError as error:
-        first_error = next((line for line in error.stderr.splitlines() if "error" in line), error.stderr.strip())
+        first_error = next((line for line in error.stderr.splitlines() if "error" in line.lower()), error.stderr.strip())
         log.warning("trillm: could not compile the native kernels (%s); using the slow PyTorch reference",
                     first_error[:200])
     except OSError as error:  # no gcc, an unwritable cache, or a library that does not load

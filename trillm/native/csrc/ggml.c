@@ -285,7 +285,7 @@ static ALWAYS_INLINE vi q6_k_dot(const struct q6_k_unpacked *u, const struct q8_
     __m256i acc = _mm256_madd_epi16(u->minus_32_scales, _mm256_loadu_si256((const __m256i *)x->sums));
     for (int v = 0; v < 8; v++) {
         __m256i products = _mm256_maddubs_epi16(u->codes[v], _mm256_loadu_si256((const __m256i *)(x->q + 32 * v)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(products, u->scales[v]));
+        acc = madd_add_256(acc, products, u->scales[v]);
     }
     return acc;
 }
@@ -372,8 +372,8 @@ enum { INT8_Q8_0, INT8_Q4_0, INT8_Q4_1 };
 typedef __m256i int8_codes;
 /* 8 int32 lanes summing to sum_i u_i s_i, u unsigned bytes, s signed, no pair above int16 */
 static ALWAYS_INLINE __m256i dot_u8_s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#if VNNI_256
+    return dpbusd_256(_mm256_setzero_si256(), u, s);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
@@ -494,8 +494,8 @@ INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
  */
 #if defined(__AVX2__)
 /* A panel (kernels.h: PANEL_ROWS) is taken PANEL_TOKENS tokens a pass: the accumulators fit the registers
- * (AVX-512: 32 of them, AVX2: 16). */
-#define PANEL_TOKENS (VLEN == 16 ? 4 : 2)
+ * (AVX-512: 32 of them, AVX2: 16, with VNNI room for a third token: no products or signs in registers). */
+#define PANEL_TOKENS (VLEN == 16 ? 4 : VNNI_256 ? 3 : 2)
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #define PANEL_UNSIGNED_Q8_0 1
 static ALWAYS_INLINE vi panel_gather(const uint8_t *base, vi offsets) { return _mm512_i32gather_epi32(offsets, base, 1); }
@@ -510,26 +510,30 @@ static ALWAYS_INLINE vi panel_dot(const int format, vi acc, vi codes, vi magnitu
 static ALWAYS_INLINE vi panel_magnitudes(const int format, vi codes) { (void)format; return codes; }
 static ALWAYS_INLINE vi panel_block_sums(const int format, vi dot) { (void)format; return dot; }
 static ALWAYS_INLINE vi vi_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
-#else
-#define PANEL_UNSIGNED_Q8_0 0
+#else /* 256-bit: VNNI's vpdpbusd where the CPU has it, else AVX2's maddubs */
+#define PANEL_UNSIGNED_Q8_0 VNNI_256
 static ALWAYS_INLINE vi panel_gather(const uint8_t *base, vi offsets) { return _mm256_i32gather_epi32((const int *)base, offsets, 1); }
 static ALWAYS_INLINE void panel_store(uint8_t *p, vi a) { _mm256_store_si256((__m256i *)p, a); }
 static ALWAYS_INLINE vi panel_load(const uint8_t *p) { return _mm256_load_si256((const __m256i *)p); }
 static ALWAYS_INLINE vi panel_offsets(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static ALWAYS_INLINE vi vi_zero(void) { return _mm256_setzero_si256(); }
 static ALWAYS_INLINE vi panel_magnitudes(const int format, vi codes) {
-    return format == INT8_Q8_0 ? _mm256_abs_epi8(codes) : codes;
+    return format == INT8_Q8_0 && !VNNI_256 ? _mm256_abs_epi8(codes) : codes;
 }
 /* Q4_x's products (u <= 15) stay in int16 for a whole block: 8 groups of at most 2 * 15 * 127 each. */
 static ALWAYS_INLINE vi panel_dot(const int format, vi acc, vi codes, vi magnitudes, int32_t x4) {
     __m256i x = _mm256_set1_epi32(x4);
+#if VNNI_256
+    (void)format, (void)magnitudes;
+    return dpbusd_256(acc, codes, x);
+#endif
     if (format != INT8_Q8_0)
         return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
     __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(x, codes));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 static ALWAYS_INLINE vi panel_block_sums(const int format, vi dot) {
-    return format != INT8_Q8_0 ? _mm256_madd_epi16(dot, _mm256_set1_epi16(1)) : dot;
+    return format != INT8_Q8_0 && !VNNI_256 ? _mm256_madd_epi16(dot, _mm256_set1_epi16(1)) : dot;
 }
 static ALWAYS_INLINE vi vi_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
 #endif
@@ -633,7 +637,9 @@ static ALWAYS_INLINE int int8_32_prompt(const int format, const int block_bytes,
         for (int t0 = 0; t0 < job->tokens; t0 += PANEL_TOKENS) {
             const int tokens = job->tokens - t0 < PANEL_TOKENS ? job->tokens - t0 : PANEL_TOKENS;
             vf out[PANEL_TOKENS][PANEL_VECTORS];
-#define PANEL_CALL(k) panel_tokens(format, k, codes, d, c, blocks, job->x32 + t0 * blocks, out)
+            /* counts above PANEL_TOKENS never come: clamped, their cases compile without reading past acc */
+#define PANEL_CALL(k) panel_tokens(format, (k) < PANEL_TOKENS ? (k) : PANEL_TOKENS, codes, d, c, blocks, \
+                                   job->x32 + t0 * blocks, out)
             WITH_CONSTANT_TOKENS(tokens, PANEL_CALL)
 #undef PANEL_CALL
             for (int t = 0; t < tokens; t++) {
@@ -695,8 +701,8 @@ static ALWAYS_INLINE float k_quant_int8_block(const int five, const uint8_t *b, 
         /* unsigned codes (at most 31) times int8: pairs of products within int16 */
         __m256i low_products = _mm256_maddubs_epi16(low, _mm256_load_si256((const __m256i *)(x->q + 64 * pair)));
         __m256i high_products = _mm256_maddubs_epi16(high, _mm256_load_si256((const __m256i *)(x->q + 64 * pair + 32)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(low_products, _mm256_set1_epi16((short)scales[2 * pair])));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(high_products, _mm256_set1_epi16((short)scales[2 * pair + 1])));
+        acc = madd_add_256(acc, low_products, _mm256_set1_epi16((short)scales[2 * pair]));
+        acc = madd_add_256(acc, high_products, _mm256_set1_epi16((short)scales[2 * pair + 1]));
     }
     __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));

@@ -201,3 +201,6 @@ int trillm_release_rows(const uint8_t *w, int64_t row_bytes, int64_t rows, const
 /* The vector width this library was compiled for (see kernels.h), as a check that the library loaded is
  * the one asked for. */
 int trillm_vector_floats(void) { return VLEN; }
+
+/* Whether the integer kernels use VNNI's dot products (kernels.h: VNNI_256), the check for AVX-VNNI's level. */
+int trillm_vnni(void) { return VNNI_256; }

@@ -222,8 +222,8 @@ static ALWAYS_INLINE __m256i fp4_unsigned_codes(const uint8_t *block) {
 /* 8 int32 lanes that sum to offset + sum_p codes_p q_p */
 static ALWAYS_INLINE __m256i q8_dot(__m256i codes, const int8_t *q, const int32_t *offset) {
     __m256i activations = _mm256_loadu_si256((const __m256i *)q), start = _mm256_loadu_si256((const __m256i *)offset);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(start, codes, activations);
+#if VNNI_256
+    return dpbusd_256(start, codes, activations);
 #else /* unsigned x signed bytes: pairs summed to int16 (at most 2 * 24 * 127), then to int32 */
     return _mm256_add_epi32(start, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, activations), _mm256_set1_epi16(1)));
 #endif

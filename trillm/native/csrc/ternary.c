@@ -32,9 +32,12 @@
  * 2560, interleaved runs; AVX-512: 20-31). Tried on
  * AVX2 and dropped: bitnet.cpp's order, the checkpoint's bytes as they are (lanes over 32 columns of a
  * packed row, activations as maddubs' memory operand, no broadcasts, 9 tokens a pass): the same ~125 G
- * MACs/s a core, about one maddubs a cycle, which both kernels reach. Plain C row by row. Which one a
- * library holds is decided when it is compiled (see kernels.h): the AVX-512 library has the VNNI kernel,
- * the AVX2 library the maddubs one, the portable library the plain C.
+ * MACs/s a core, about one maddubs a cycle, which both kernels reach. Where the CPU has AVX-VNNI (Intel's
+ * cores since Alder Lake) the AVX2 kernels take 256-bit vpdpbusd in place of maddubs and its widening, the
+ * codes masked in place as AVX-512's are, and 6 tokens a pass: on one core of a Xeon with it, 6912 x 2560 at
+ * 128 tokens, 116 -> 188 G MACs/s, two vpdpbusd a cycle. Plain C row by row. Which one a library holds is
+ * decided when it is compiled (see kernels.h): the AVX-512 library has the VNNI kernel, the AVX-VNNI and
+ * AVX2 libraries the 256-bit ones, the portable library the plain C.
  *
  * Measured on 2 Zen 4 cores (2B4T shapes, weights streamed from memory, a plain read there: 25-40 GB/s):
  * one token 25-40 GB/s of weights, as fast as the plain read; 8 tokens or more ~400 G int8 MACs/s,
@@ -202,18 +205,34 @@ static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t 
 #define INT16_GROUPS 32
 
 /* AVX2 has 16 vector registers: see the top of this file for how the kernels below fit in them. */
-#define AVX2_PASS_TOKENS 5
+#define AVX2_PASS_TOKENS (VNNI_256 ? 6 : 5) /* VNNI's dot products need no register for the products */
 
-/* acc + the int16 sums of pairs of products of unsigned u8 and signed s8. Inline assembly because gcc 12
- * otherwise adds into a copy and moves it back, an instruction more for each product. */
-static ALWAYS_INLINE __m256i add_maddubs(__m256i acc, __m256i u8, __m256i s8) {
-#if defined(__GNUC__) && !defined(__clang__)
+/* acc + the products of unsigned u8 and signed s8, summed in pairs into int16 lanes (AVX2's maddubs), or
+ * where VNNI_256 (kernels.h) in fours into int32 lanes. Inline assembly because gcc 12 otherwise adds into
+ * a copy and moves it back, an instruction more for each product. */
+static ALWAYS_INLINE __m256i add_products(__m256i acc, __m256i u8, __m256i s8) {
+#if VNNI_256
+    return dpbusd_256(acc, u8, s8);
+#elif defined(__GNUC__) && !defined(__clang__)
     __m256i products;
     __asm__("vpmaddubsw %3, %2, %1\n\tvpaddw %1, %0, %0" : "+x"(acc), "=&x"(products) : "x"(u8), "x"(s8));
     return acc;
 #else
     return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u8, s8));
 #endif
+}
+
+/* Code i of each byte: shifted down for maddubs (its int16 pairs would overflow on the masked ones), masked
+ * in place with VNNI (the code times 4^i, one instruction fewer). */
+static ALWAYS_INLINE __m256i code_of(__m256i bytes, int i) {
+    if (VNNI_256)
+        return _mm256_and_si256(bytes, _mm256_set1_epi8((char)(3 << (2 * i))));
+    return _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), _mm256_set1_epi8(3));
+}
+
+/* A run's sums of code i (add_products of code_of) as int32 sums of the codes themselves. */
+static ALWAYS_INLINE __m256i widen_sums(__m256i partial, int i) {
+    return VNNI_256 ? _mm256_srai_epi32(partial, 2 * i) : _mm256_madd_epi16(partial, _mm256_set1_epi16(1));
 }
 
 /* y for token t at the 8 output rows 16b + 8h + l + iR (fewer in a last, partial block) from their sums of
@@ -231,16 +250,16 @@ static ALWAYS_INLINE void avx2_store(const struct ternary_job *job, int64_t b, i
 }
 
 /* Block b (both halves) for token t, all four codes of a tile at once: one pass over the block's bytes,
- * each cache line read whole once (8 int16 sums, 16 registers in all). */
+ * each cache line read whole once (8 int16 sums, 16 registers in all). VNNI's int32 sums need no runs. */
 static ALWAYS_INLINE void avx2_block_one_token(const struct ternary_job *job, int64_t b, int64_t t) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES;
-    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const int64_t run = VNNI_256 ? job->groups : INT16_GROUPS;
     __m256i acc[2][4], partial[2][4];
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 4; i++)
             acc[h][i] = _mm256_setzero_si256();
-    for (int64_t g0 = 0; g0 < job->groups; g0 += INT16_GROUPS) {
-        const int64_t g1 = g0 + INT16_GROUPS < job->groups ? g0 + INT16_GROUPS : job->groups;
+    for (int64_t g0 = 0; g0 < job->groups; g0 += run) {
+        const int64_t g1 = g0 + run < job->groups ? g0 + run : job->groups;
         for (int h = 0; h < 2; h++)
             for (int i = 0; i < 4; i++)
                 partial[h][i] = _mm256_setzero_si256();
@@ -250,12 +269,12 @@ static ALWAYS_INLINE void avx2_block_one_token(const struct ternary_job *job, in
             for (int h = 0; h < 2; h++) {
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES + 32 * h));
                 for (int i = 0; i < 4; i++)
-                    partial[h][i] = add_maddubs(partial[h][i], _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i), three), x);
+                    partial[h][i] = add_products(partial[h][i], code_of(bytes, i), x);
             }
         }
         for (int h = 0; h < 2; h++)
             for (int i = 0; i < 4; i++)
-                acc[h][i] = _mm256_add_epi32(acc[h][i], _mm256_madd_epi16(partial[h][i], ones));
+                acc[h][i] = _mm256_add_epi32(acc[h][i], widen_sums(partial[h][i], i));
     }
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 4; i++)
@@ -266,7 +285,6 @@ static ALWAYS_INLINE void avx2_block_one_token(const struct ternary_job *job, in
  * INT16_GROUPS tiles (2 KB, in L1). */
 static ALWAYS_INLINE void avx2_block_many(const struct ternary_job *job, int64_t b, int64_t t0, const int nt) {
     const uint8_t *tiles = job->tiles + b * job->groups * TILE_BYTES;
-    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i acc[2][4][AVX2_PASS_TOKENS];
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 4; i++)
@@ -284,16 +302,16 @@ static ALWAYS_INLINE void avx2_block_many(const struct ternary_job *job, int64_t
                     _mm_prefetch((const char *)(tiles + g * TILE_BYTES + PREFETCH_BYTES), _MM_HINT_T1);
                 __m256i codes[2];
                 for (int h = 0; h < 2; h++)
-                    codes[h] = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES + 32 * h)), 2 * i), three);
+                    codes[h] = code_of(_mm256_loadu_si256((const __m256i *)(tiles + g * TILE_BYTES + 32 * h)), i);
                 for (int t = 0; t < nt; t++) {
                     __m256i x = _mm256_set1_epi32(four_activations(job, t0 + t, g));
                     for (int h = 0; h < 2; h++)
-                        partial[h][t] = add_maddubs(partial[h][t], codes[h], x);
+                        partial[h][t] = add_products(partial[h][t], codes[h], x);
                 }
             }
             for (int h = 0; h < 2; h++)
                 for (int t = 0; t < nt; t++)
-                    acc[h][i][t] = _mm256_add_epi32(acc[h][i][t], _mm256_madd_epi16(partial[h][t], ones));
+                    acc[h][i][t] = _mm256_add_epi32(acc[h][i][t], widen_sums(partial[h][t], i));
         }
     }
     for (int t = 0; t < nt; t++)
@@ -312,7 +330,8 @@ static void avx2_blocks(const struct ternary_job *job, int64_t b0, int64_t b1) {
             case 2: avx2_block_many(job, b, t, 2); break;
             case 3: avx2_block_many(job, b, t, 3); break;
             case 4: avx2_block_many(job, b, t, 4); break;
-            default: avx2_block_many(job, b, t, 5); break;
+            case 5: avx2_block_many(job, b, t, 5); break;
+            default: avx2_block_many(job, b, t, AVX2_PASS_TOKENS); break;
             }
             t += nt;
         }
