@@ -201,7 +201,8 @@ static ALWAYS_INLINE void prefetch_start(const struct ternary_job *job, int64_t 
 
 #if TERNARY_AVX2
 /* Groups of columns whose products add up in int16 before they widen to int32: a pair of products is at
- * most 2 * 2 * 128 = 512, and AVX2 has no instruction that widens them on the way (VNNI's vpdpbusd). */
+ * most 2 * 2 * 128 = 512, and AVX2 has no instruction that widens them on the way (VNNI's vpdpbusd). With
+ * VNNI the runs of several tokens only keep in L1 the bytes that the passes of the four codes share. */
 #define INT16_GROUPS 32
 
 /* AVX2 has 16 vector registers: see the top of this file for how the kernels below fit in them. */
