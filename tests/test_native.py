@@ -2,6 +2,9 @@
 runs unless TRILLM_ISA names another, and the warning-once fallback to the PyTorch twins."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +69,15 @@ def test_compile_error_warns_with_the_error(fresh_native, monkeypatch, tmp_path,
         assert build.load() is None
     assert "could not compile the native kernels" in caplog.text and "error" in caplog.text
     assert not list((tmp_path / "cache" / "native").iterdir())  # no partial library left behind
+
+
+@pytest.mark.parametrize("imports,warned", [("import torch, trillm", True), ("import trillm, torch", False)])
+def test_torch_imported_first_is_told(imports, warned):
+    """OpenMP reads OMP_WAIT_POLICY when torch loads it: trillm's PASSIVE comes too late after torch."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("OMP_WAIT_POLICY", "TRILLM_KEEP_OMP_WAIT_POLICY")}
+    result = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and ("import trillm before torch" in result.stderr) == warned, result.stderr
+    chosen = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, timeout=120,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})  # the user's own choice: nothing to say
+    assert chosen.returncode == 0 and "import trillm before torch" not in chosen.stderr
