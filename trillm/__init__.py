@@ -16,7 +16,7 @@ import warnings
 if not os.environ.get("TRILLM_KEEP_OMP_WAIT_POLICY"):
     if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         warnings.warn("trillm: torch was imported first, so its idle OpenMP threads spin and slow trillm's kernels "
-                      "(20-35% on 2 cores): import trillm before torch, or set OMP_WAIT_POLICY=PASSIVE",
+                      "(10-35% on 2 cores): import trillm before torch, or set OMP_WAIT_POLICY=PASSIVE",
                       RuntimeWarning, stacklevel=2)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
