@@ -34,8 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser):
                              "(59%% fewer, int8 activations) (default: as stored; q6_k for BitNet)")
     parser.add_argument("--activations", default=None, choices=ACTIVATIONS,
                         help="LLaMA: int8 quantizes each matmul's activations per 32 as llama.cpp does (GGUF "
-                             "Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K weights): faster decoding, logits no longer exactly "
-                             "transformers' (default: float32, exact)")
+                             "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K weights): faster decoding, logits no "
+                             "longer exactly transformers' (default: float32, exact)")
     parser.add_argument("--dense", default=None, choices=DENSE_FORMATS,
                         help="gpt-oss: attention and head re-stored in Q8_0, as llama.cpp's GGUF files have them "
                              "(default: as stored)")

@@ -5,8 +5,9 @@ Layouts follow llama.cpp (block_* in ggml-common.h, dequantize_row_* in ggml-qua
 decoders compute what the gguf package's numpy dequantizer (gguf.quants.dequantize) computes, in the same
 order of operations; transformers uses that one to load GGUF files, so matching it keeps our greedy
 tokens equal to transformers'. The native kernels (csrc/ggml.c) keep the activations float32 for the
-same reason; Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K also have kernels that compute as llama.cpp does, from int8
-activations (`int8_activations`: the output heads re-stored in Q6_K, head.py, and `--activations int8`).
+same reason; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K also have kernels that compute as llama.cpp
+does, from int8 activations (`int8_activations`: the output heads re-stored in Q6_K, head.py, and
+`--activations int8`).
 """
 
 from collections.abc import Callable
@@ -268,7 +269,8 @@ def concat_ggml_rows(weights: list[GGMLTensor]) -> GGMLTensor:
 # ---- Int8 activations, as llama.cpp computes ---------------------------------------------------------------
 
 # The types csrc/ggml.c has an int8-activation kernel for, and the block their activations are quantized in.
-INT8_ACTIVATION_BLOCKS = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: Q6_K_BLOCK_SIZE}
+INT8_ACTIVATION_BLOCKS = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 256, Q.Q5_K: 256,
+                         Q.Q6_K: Q6_K_BLOCK_SIZE}
 # The types whose int8 kernel also takes prompts of any length: faster there than decoding the weights for
 # torch's float32 matmul. Q8_0, Q4_0 and Q4_1 have a GEMM over repacked panels for prompts (csrc/ggml.c;
 # measured, one Zen 4 core, 3072 x 576, 128 tokens: 270 GOPS, 1.8-2x the row kernel), Q6_K's row kernel is
@@ -282,10 +284,10 @@ def takes_int8(weight: GGMLTensor, int8_activations: bool, tokens: int) -> bool:
 
 
 def int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
-    """y = x W^T as the int8 kernels compute it: Q8_0, Q4_0 and Q4_1 (as llama.cpp's vec_dot_q8_0_q8_0,
-    q4_0_q8_0, q4_1_q8_1) with x quantized per 32, Q4_K and Q5_K (vec_dot_q4_K_q8_K, q5_K_q8_K) per 256,
-    and the weights as decoded, in float64, so that only the kernel's float32 rounding separates the two;
-    Q6_K by q6_k_int8_matmul."""
+    """y = x W^T as the int8 kernels compute it: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 (as llama.cpp's
+    vec_dot_q8_0_q8_0, q4_0_q8_0, q4_1_q8_1, q5_0_q8_0, q5_1_q8_1) with x quantized per 32, Q4_K and Q5_K
+    (vec_dot_q4_K_q8_K, q5_K_q8_K) per 256, and the weights as decoded, in float64, so that only the kernel's
+    float32 rounding separates the two; Q6_K by q6_k_int8_matmul."""
     if weight.type == Q.Q6_K:
         return q6_k_int8_matmul(weight, x)
     q, d = round_to_int8(x.reshape(-1, weight.shape[1]), INT8_ACTIVATION_BLOCKS[weight.type])

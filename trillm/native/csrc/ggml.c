@@ -348,15 +348,18 @@ static void q6_k_int8_matmul_rows(const struct matmul_job *job, int64_t r0, int6
 #undef Q6_K_TOKENS
 }
 
-/* ---- Q8_0, Q4_0 and Q4_1 times int8 activations -------------------------------------------------------
+/* ---- Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 times int8 activations ---------------------------------------------
  *
- * As llama.cpp's ggml_vec_dot_q8_0_q8_0, q4_0_q8_0 and q4_1_q8_1: each token's activations quantized once a
- * call to int8, a float scale per 32 (quantize_q8_32), and a block's 32 products summed as integers, then
- * scaled once, by d_w * d_x, in float. Q4_0's codes and Q4_1's are unsigned nibbles u (w = d (u - 8), and
- * w = d u + m): their products u q go straight to the unsigned-by-signed multiply-add, and the -8 and the
- * minimum are paid per block from the activations' sum, sum w x = d_w d_x sum u q + c_w d_x sum q with
- * c_w = -8 d_w or m. Q8_0's signed codes are multiplied as |w| times q with w's sign, so that no pair of
- * products leaves int16 (|w| <= 128, |q| <= 127).
+ * As llama.cpp's ggml_vec_dot_q8_0_q8_0, q4_0_q8_0, q4_1_q8_1, q5_0_q8_0 and q5_1_q8_1: each token's
+ * activations quantized once a call to int8, a float scale per 32 (quantize_q8_32), and a block's 32
+ * products summed as integers, then scaled once, by d_w * d_x, in float. The codes of Q4_x (nibbles) and
+ * Q5_x (nibbles and a fifth bit) are unsigned u (w = d (u - 8) or d (u - 16), and w = d u + m): their
+ * products u q go straight to the unsigned-by-signed multiply-add (a pair at most 2 * 31 * 127, within
+ * int16), and the offset or the minimum is paid per block from the activations' sum, sum w x = d_w d_x
+ * sum u q + c_w d_x sum q with c_w = -8 d_w, -16 d_w or m. Q8_0's signed codes are multiplied as |w| times
+ * q with w's sign, so that no pair of products leaves int16 (|w| <= 128, |q| <= 127). (Q5_0 and Q5_1 are
+ * what llama.cpp's Q4_K_M and Q5_K_M fall back to for rows of other than a multiple of 256 weights, as in
+ * SmolLM2, where they hold half the bytes.)
  */
 
 /* 32 activations to int8, as quantize_q8_k does per 256. */
@@ -366,7 +369,12 @@ void quantize_q8_32(const float *x, struct q8_32_block *out) {
     out->d_sum = out->d * (float)sum;
 }
 
-enum { INT8_Q8_0, INT8_Q4_0, INT8_Q4_1 };
+enum { INT8_Q8_0, INT8_Q4_0, INT8_Q4_1, INT8_Q5_0, INT8_Q5_1 };
+/* Where a block's nibbles start, and Q5_x's fifth bits (a little-endian uint32, bit j for weight j). */
+static ALWAYS_INLINE int int8_nibbles_at(const int format) {
+    return format == INT8_Q4_0 ? 2 : format == INT8_Q4_1 ? 4 : format == INT8_Q5_0 ? 6 : 8;
+}
+static ALWAYS_INLINE int int8_fifth_bits_at(const int format) { return format == INT8_Q5_0 ? 2 : 4; }
 
 #if defined(__AVX2__)
 typedef __m256i int8_codes;
@@ -379,12 +387,23 @@ static ALWAYS_INLINE __m256i dot_u8_s8(__m256i u, __m256i s) {
 #endif
 }
 
-/* A block's 32 codes: Q8_0's bytes, or the nibbles of Q4_0 and Q4_1 (byte j: weight j low, j + 16 high). */
+/* A block's 32 codes: Q8_0's bytes, or the nibbles of Q4_x and Q5_x (byte j: weight j low, j + 16 high),
+ * Q5_x's with their fifth bits (bit j of the uint32 spread to byte j, moved to bit 4). */
 static ALWAYS_INLINE int8_codes int8_block_codes(const int format, const uint8_t *b) {
     if (format == INT8_Q8_0)
         return _mm256_loadu_si256((const __m256i *)(b + 2));
-    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + (format == INT8_Q4_0 ? 2 : 4))));
-    return _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + int8_nibbles_at(format))));
+    __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                     _mm256_set1_epi8(15));
+    if (format == INT8_Q4_0 || format == INT8_Q4_1)
+        return codes;
+    const __m256i byte_of_bit = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201);
+    __m256i fifth = _mm256_set1_epi32((int32_t)u32_at(b + int8_fifth_bits_at(format)));
+    fifth = _mm256_shuffle_epi8(fifth, byte_of_bit);
+    fifth = _mm256_cmpeq_epi8(_mm256_and_si256(fifth, bit), bit);
+    return _mm256_or_si256(codes, _mm256_and_si256(fifth, _mm256_set1_epi8(16)));
 }
 
 /* |w| for Q8_0 (its sign moves to the activations), the codes as they are for the others */
@@ -417,7 +436,9 @@ static ALWAYS_INLINE float int8_block_dot(const int format, int8_codes b, int8_c
     (void)unused;
     int32_t sum = 0;
     for (int j = 0; j < 32; j++) {
-        int w = format == INT8_Q8_0 ? (int8_t)b[2 + j] : b[(format == INT8_Q4_0 ? 2 : 4) + j % 16] >> (4 * (j / 16)) & 15;
+        int w = format == INT8_Q8_0 ? (int8_t)b[2 + j] : b[int8_nibbles_at(format) + j % 16] >> (4 * (j / 16)) & 15;
+        if (format == INT8_Q5_0 || format == INT8_Q5_1)
+            w |= (int)(u32_at(b + int8_fifth_bits_at(format)) >> j & 1) << 4;
         sum += w * x[j];
     }
     return acc + (float)sum * d;
@@ -432,7 +453,8 @@ static ALWAYS_INLINE void int8_32_block(const int format, const int tokens, cons
     int8_codes codes = int8_block_codes(format, block);
     int8_codes magnitudes = int8_block_unsigned(format, codes);
     const float d = fp16_at(block);
-    const float c = format == INT8_Q4_0 ? -8.0f * d : format == INT8_Q4_1 ? fp16_at(block + 2) : 0.0f;
+    const float c = format == INT8_Q4_0 ? -8.0f * d : format == INT8_Q5_0 ? -16.0f * d
+                    : format == INT8_Q4_1 || format == INT8_Q5_1 ? fp16_at(block + 2) : 0.0f;
 #pragma GCC unroll 8
     for (int t = 0; t < tokens; t++) {
         const struct q8_32_block *x = x32 + t * blocks + b;
@@ -476,6 +498,8 @@ static ALWAYS_INLINE void int8_32_tokens(const int format, const int block_bytes
 INT8_32_FORMAT(q8_0, INT8_Q8_0, 34)
 INT8_32_FORMAT(q4_0, INT8_Q4_0, 18)
 INT8_32_FORMAT(q4_1, INT8_Q4_1, 20)
+INT8_32_FORMAT(q5_0, INT8_Q5_0, 22)
+INT8_32_FORMAT(q5_1, INT8_Q5_1, 24)
 #undef INT8_32_FORMAT
 #undef INT8_32_TOKENS
 
@@ -760,8 +784,8 @@ int ggml_kernels(int type, struct row_kernels *k) {
     case TYPE_Q8_0: *k = (struct row_kernels){q8_0_matmul_rows, q8_0_decode_row, q8_0_int8_matmul_rows, 32, q8_0_int8_prompt_rows}; return 1;
     case TYPE_Q4_0: *k = (struct row_kernels){q4_0_matmul_rows, q4_0_decode_row, q4_0_int8_matmul_rows, 32, q4_0_int8_prompt_rows}; return 1;
     case TYPE_Q4_1: *k = (struct row_kernels){q4_1_matmul_rows, q4_1_decode_row, q4_1_int8_matmul_rows, 32, q4_1_int8_prompt_rows}; return 1;
-    case TYPE_Q5_0: *k = (struct row_kernels){q5_0_matmul_rows, q5_0_decode_row}; return 1;
-    case TYPE_Q5_1: *k = (struct row_kernels){q5_1_matmul_rows, q5_1_decode_row}; return 1;
+    case TYPE_Q5_0: *k = (struct row_kernels){q5_0_matmul_rows, q5_0_decode_row, q5_0_int8_matmul_rows, 32}; return 1;
+    case TYPE_Q5_1: *k = (struct row_kernels){q5_1_matmul_rows, q5_1_decode_row, q5_1_int8_matmul_rows, 32}; return 1;
     case TYPE_Q4_K: *k = (struct row_kernels){q4_k_matmul_rows, q4_k_decode_row, q4_k_int8_matmul_rows, QK_K}; return 1;
     case TYPE_Q5_K: *k = (struct row_kernels){q5_k_matmul_rows, q5_k_decode_row, q5_k_int8_matmul_rows, QK_K}; return 1;
     case TYPE_Q6_K: *k = (struct row_kernels){q6_k_matmul_rows, q6_k_decode_row, q6_k_int8_matmul_rows, QK_K}; return 1;
