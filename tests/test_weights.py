@@ -86,11 +86,9 @@ def test_unsupported_or_inconsistent_ggml_is_refused():
         make_linear(GGMLTensor(Q.Q2_K, torch.zeros(4, 84, dtype=torch.uint8), (4, 256)))
     with pytest.raises(ValueError, match="needs uint8 data of shape"):
         make_linear(GGMLTensor(Q.Q8_0, torch.zeros(4, 33, dtype=torch.uint8), (4, 32)))
-    with pytest.raises(ValueError, match="no int8-activation kernel for Q5_0"):
-        GGMLLinear(random_ggml(Q.Q5_0, 4, 32), int8_activations=True)
-    # the factory asks for int8 activations where a type has the kernel, float ones elsewhere (Q4_K_M files)
-    assert not make_linear(random_ggml(Q.Q5_0, 4, 32), int8_activations=True).int8_activations
-    assert make_linear(random_ggml(Q.Q4_0, 4, 32), int8_activations=True).int8_activations
+    # every GGML type has an int8 kernel (Q5_0: the half of SmolLM2's Q4_K_M that is not Q4_K or Q6_K)
+    assert set(INT8_ACTIVATION_BLOCKS) == set(BLOCK_LAYOUTS)
+    assert make_linear(random_ggml(Q.Q5_0, 4, 32), int8_activations=True).int8_activations
 
 
 def test_q6_k_quantizer_blocks_decode_as_gguf_reads_them():

@@ -102,8 +102,8 @@ def llama_block(config: LlamaConfig, w: dict, int8_activations: bool) -> Block:
 # ---- Loading: the config, every tensor's shape checked, GGUF's q/k row order ---------------------------
 
 # The activations of the linear layers: float32 (the default, exact: transformers' logits) or int8, each
-# matmul's activations quantized per 32 as llama.cpp does, for weights in GGML blocks with an int8 kernel
-# (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; weights/ggml.py), the others keeping float32.
+# matmul's activations quantized per 32 (per 256 for the K types) as llama.cpp does, for weights in GGML
+# blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; weights/ggml.py), dense ones keeping float32.
 ACTIVATIONS = ("float32", "int8")
 
 

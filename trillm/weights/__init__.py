@@ -21,7 +21,6 @@ from trillm.weights.ggml import (
     GGMLEmbedding,
     GGMLLinear,
     GGMLTensor,
-    INT8_ACTIVATION_BLOCKS,
     ReferenceGGMLEmbedding,
     ReferenceGGMLLinear,
     concat_ggml_rows,
@@ -42,8 +41,8 @@ def make_linear(weight: Weight | list[Weight], bias: torch.Tensor | None = None,
     A list of weights is their rows stacked in order (q/k/v, gate/up): one matrix, so one matmul, when they
     share format and columns; else one layer each, their outputs concatenated (GGUF files that mix types,
     e.g. Q4_K_M with Q6_K value projections). `int8_activations` asks for the kernels that quantize x to
-    int8 first, for the GGML types that have one (ggml.INT8_ACTIVATION_BLOCKS; the others keep float
-    activations); `prompt_bf16` for prompts multiplied in bfloat16 (dense and GGML weights:
+    int8 first, for GGML weights (every type has them: ggml.INT8_ACTIVATION_BLOCKS; dense and ternary
+    weights keep their own); `prompt_bf16` for prompts multiplied in bfloat16 (dense and GGML weights:
     linear.prompt_linear)."""
     module = linear_module(weight, bias, int8_activations)
     for part in module.modules():
@@ -61,7 +60,6 @@ def linear_module(weight: Weight | list[Weight], bias: torch.Tensor | None, int8
     if isinstance(weight, TernaryTensor):
         return (TernaryLinear if use_native else ReferenceTernaryLinear)(weight, bias)
     if isinstance(weight, GGMLTensor):
-        int8_activations = int8_activations and weight.type in INT8_ACTIVATION_BLOCKS
         return (GGMLLinear if use_native else ReferenceGGMLLinear)(weight, bias, int8_activations)
     if isinstance(weight, torch.Tensor):
         return (DenseLinear if use_native else ReferenceDenseLinear)(weight, bias)

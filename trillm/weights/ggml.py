@@ -268,7 +268,8 @@ def concat_ggml_rows(weights: list[GGMLTensor]) -> GGMLTensor:
 
 # ---- Int8 activations, as llama.cpp computes ---------------------------------------------------------------
 
-# The types csrc/ggml.c has an int8-activation kernel for, and the block their activations are quantized in.
+# The block each type's activations are quantized in for its int8-activation kernel (csrc/ggml.c): every
+# type of BLOCK_LAYOUTS has one.
 INT8_ACTIVATION_BLOCKS = {Q.Q8_0: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q4_K: 256, Q.Q5_K: 256,
                          Q.Q6_K: Q6_K_BLOCK_SIZE}
 # The types whose int8 kernel also takes prompts of any length: faster there than decoding the weights for
@@ -313,20 +314,14 @@ def q6_k_int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], rows)
 
 
-def check_int8_activations(weight: GGMLTensor, int8_activations: bool):
-    if int8_activations and weight.type not in INT8_ACTIVATION_BLOCKS:
-        raise ValueError(f"no int8-activation kernel for {weight.type.name}")
-
-
 class GGMLLinear(RowLinear):
     """y = x W^T computed by the native kernel straight from the GGML blocks (csrc/ggml.c). With
-    `int8_activations` (the INT8_ACTIVATION_BLOCKS types), up to KERNEL_MAX_TOKENS tokens (any number for
+    `int8_activations` (every type has an int8 kernel: INT8_ACTIVATION_BLOCKS), up to KERNEL_MAX_TOKENS tokens (any number for
     INT8_PROMPT_TYPES) are quantized to int8 first and the products are integers (int8_matmul), at the
     cost of the activations' rounding."""
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
         check_layout(weight)
-        check_int8_activations(weight, int8_activations)
         super().__init__(int(weight.type), weight.data, weight.shape, bias, int8_activations)
         self.weight = GGMLTensor(weight.type, self.stored, weight.shape)  # over the kernels' copy, if they have one
         self.int8_activations = int8_activations
@@ -343,7 +338,6 @@ class ReferenceGGMLLinear(nn.Module):
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
         super().__init__()
         check_layout(weight)
-        check_int8_activations(weight, int8_activations)
         self.weight = weight
         self.bias = bias
         self.int8_activations = int8_activations
