@@ -316,9 +316,9 @@ def q6_k_int8_matmul(weight: GGMLTensor, x: torch.Tensor) -> torch.Tensor:
 
 class GGMLLinear(RowLinear):
     """y = x W^T computed by the native kernel straight from the GGML blocks (csrc/ggml.c). With
-    `int8_activations` (every type has an int8 kernel: INT8_ACTIVATION_BLOCKS), up to KERNEL_MAX_TOKENS tokens (any number for
-    INT8_PROMPT_TYPES) are quantized to int8 first and the products are integers (int8_matmul), at the
-    cost of the activations' rounding."""
+    `int8_activations` (every type has an int8 kernel: INT8_ACTIVATION_BLOCKS), up to KERNEL_MAX_TOKENS
+    tokens (any number for INT8_PROMPT_TYPES) are quantized to int8 first and the products are integers
+    (int8_matmul), at the cost of the activations' rounding."""
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, int8_activations: bool = False):
         check_layout(weight)
