@@ -219,7 +219,8 @@ def library(level: str) -> ctypes.CDLL | None:
     try:
         return open_library(build(level))
     except subprocess.CalledProcessError as error:
-        first_error = next((line for line in error.stderr.splitlines() if "error" in line.lower()), error.stderr.strip())
+        first_error = next((line for line in error.stderr.splitlines() if "error" in line.lower()),
+                           error.stderr.strip())
         log.warning("trillm: could not compile the native kernels (%s); using the slow PyTorch reference",
                     first_error[:200])
     except OSError as error:  # no gcc, an unwritable cache, or a library that does not load

@@ -20,13 +20,6 @@ static ALWAYS_INLINE vf q8_0_vector(const uint8_t *b, int i) {
 }
 
 #if defined(__AVX2__)
-/* A 32-weight block's 16 bytes of nibbles as 32 bytes, byte j the code of weight j (j < 16: byte j's low
- * nibble, else byte j - 16's high one). */
-static ALWAYS_INLINE __m256i nibble_bytes(const uint8_t *qs) {
-    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
-    return _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
-}
-
 /* Q5_0 / Q5_1's fifth bits, bit j of the little-endian uint32 at qh, as 16 (set) or 0 in byte j. */
 static ALWAYS_INLINE __m256i fifth_bit_bytes(const uint8_t *qh) {
     const __m256i byte_of_bit = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -567,11 +560,12 @@ static ALWAYS_INLINE vi panel_dot(const int format, vi acc, vi codes, vi magnitu
 #if VNNI_256
     (void)format, (void)magnitudes;
     return dpbusd_256(acc, codes, x);
-#endif
+#else
     if (format != INT8_Q8_0)
         return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
     __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(x, codes));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
 }
 static ALWAYS_INLINE vi panel_block_sums(const int format, vi dot) {
     return format != INT8_Q8_0 && !VNNI_256 ? _mm256_madd_epi16(dot, _mm256_set1_epi16(1)) : dot;

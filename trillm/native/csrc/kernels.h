@@ -388,7 +388,8 @@ static ALWAYS_INLINE vi fp4_codes(const uint8_t *block, int i) { return (vi)(u32
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define VNNI_256 1
 /* Inline assembly for gcc, which otherwise copies the accumulator to another register around each one
- * (measured: AVX-VNNI's ternary prompt kernel no faster than AVX2's); AVX-VNNI's encoding needs {vex} (written %{vex%}). */
+ * (measured: AVX-VNNI's ternary prompt kernel no faster than AVX2's); AVX-VNNI's encoding needs {vex}
+ * (written %{vex%}). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VNNI_256_ASM(op) op " %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)
 #else
@@ -420,6 +421,14 @@ static ALWAYS_INLINE __m256i dpwssd_256(__m256i acc, __m256i a, __m256i b) {
 #define VNNI_256 0
 #endif
 #if defined(__AVX2__)
+/* A 32-weight block's 16 bytes of nibbles as 32 bytes, byte j the code of weight j (j < 16: byte j's low
+ * nibble, else byte j - 16's high one): the block in both halves, the second shifted by 4 (bits from the
+ * next byte masked off with the high nibble). GGML's Q4_x and Q5_x and MXFP4 store nibbles so. */
+static ALWAYS_INLINE __m256i nibble_bytes(const uint8_t *qs) {
+    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
 /* acc + the sums of adjacent products of int16 lanes a and b */
 static ALWAYS_INLINE __m256i madd_add_256(__m256i acc, __m256i a, __m256i b) {
 #if VNNI_256

@@ -72,8 +72,8 @@ int trillm_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, i
 
 /* As trillm_matmul, with each token's activations first quantized to int8 (a scale per 32 of them, or per
  * QK_K for the K types), for the GGML types with an int8 kernel (ggml.c: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
- * Q4_K, Q5_K, Q6_K). What llama.cpp computes; no longer exactly a float matmul. cols must be a multiple of the type's
- * block. Prompts go to the type's prompt kernel where it has one (a GEMM over repacked panels). */
+ * Q4_K, Q5_K, Q6_K). What llama.cpp computes; no longer exactly a float matmul. cols must be a multiple of
+ * the type's block. Prompts go to the type's prompt kernel where it has one (a GEMM over repacked panels). */
 int trillm_matmul_int8(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x,
                        int64_t tokens, float *y) {
     struct row_kernels kernels = {0};

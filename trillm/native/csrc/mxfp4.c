@@ -210,14 +210,9 @@ static void quantize_q8_row(const float *x, int64_t cols, const int *element, st
 
 #if defined(__AVX2__)
 /* A block's 32 codes as 2 FP4_VALUES + 12, the low nibbles' in the first 16 bytes, the high nibbles' in the
- * last: the block in both halves, the second shifted by 4 (bits from the next byte masked off with the
- * high nibble), then one byte shuffle looks all 32 up. */
-static ALWAYS_INLINE __m256i fp4_nibbles(const uint8_t *block) {
-    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)block));
-    return _mm256_and_si256(_mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
-}
+ * last (kernels.h: nibble_bytes), then one byte shuffle looks all 32 up. */
 static ALWAYS_INLINE __m256i fp4_unsigned_codes(const uint8_t *block) {
-    return _mm256_shuffle_epi8(_mm256_setr_epi8(FP4_DOUBLED_PLUS_12, FP4_DOUBLED_PLUS_12), fp4_nibbles(block));
+    return _mm256_shuffle_epi8(_mm256_setr_epi8(FP4_DOUBLED_PLUS_12, FP4_DOUBLED_PLUS_12), nibble_bytes(block));
 }
 /* 8 int32 lanes that sum to offset + sum_p codes_p q_p */
 static ALWAYS_INLINE __m256i q8_dot(__m256i codes, const int8_t *q, const int32_t *offset) {
@@ -314,7 +309,7 @@ static void decode_tile_bf16(const struct mxfp4_job *job, int64_t r0, int64_t n,
             __builtin_prefetch(block + ROW_PREFETCH_BYTES);
             __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(values, _mm512_set1_ps(e8m0_values[*scale])));
             _mm512_storeu_si512(decoded + r * cols + b * MXFP4_BLOCK,
-                                _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(fp4_nibbles(block)),
+                                _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibble_bytes(block)),
                                                          _mm512_castsi256_si512((__m256i)table)));
         }
     }
